@@ -1,0 +1,133 @@
+"""Command line: `telemetry-agent run [--] CMD...`, `check-config`, `--version`.
+
+Maps outcomes to exit codes: the child's code for `run`, 2 for a configuration
+error (before the child starts, unless `TELEMETRY_FAIL_OPEN=true`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from agent import __version__
+from agent.config import ConfigError, Settings, load_settings, parse_bool
+from agent.log import configure_logging, get_logger
+from agent.rules import naming
+from agent.stdio import STDERR
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="telemetry-agent",
+        description="Supervise a model server and ship SageMaker-style metrics and logs.",
+        epilog="Configuration comes from TELEMETRY_* environment variables; see the README.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run CMD under the agent (or the agent alone)",
+                              description="Run CMD as a supervised child. Put -- before CMD "
+                              "when it has options of its own.")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="the model server command")
+    commands.add_parser("check-config", help="validate the configuration and print it")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "check-config":
+        return check_config(os.environ)
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    return run(cmd, os.environ)
+
+
+def check_config(env: Mapping[str, str]) -> int:
+    """Print the effective settings and the names they give; 0 if valid, 2 if not."""
+    try:
+        settings = load_settings(env)
+    except ConfigError as exc:
+        print(f"telemetry-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    from agent.identity import resolve_identity  # noqa: PLC0415
+
+    identity = resolve_identity(settings, env)
+    report = {
+        "settings": settings.describe(),
+        "names": {
+            "log_group": naming.log_group(identity, settings.log_group),
+            "log_stream": naming.log_stream(identity, settings.log_stream),
+            "invocation_namespace": naming.invocation_namespace(settings.namespace),
+            "instance_namespace": naming.instance_namespace(settings.namespace, settings.resource),
+            "host_dimension": naming.host_dimension(identity),
+        },
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def run(cmd: list[str], env: Mapping[str, str]) -> int:
+    """`telemetry-agent run`: validate, then supervise `cmd` (or run alone)."""
+    if not _enabled(env):
+        return _exec_plain(cmd)
+    try:
+        settings = load_settings(env)
+    except ConfigError as exc:
+        if not _fail_open(env):
+            print(f"telemetry-agent: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        configure_logging("info")
+        get_logger("cli").error("config_invalid_running_without_telemetry", problems=exc.problems)
+        STDERR.child_closed()
+        return _exec_plain(cmd)
+    configure_logging(settings.log_level)
+    code = _supervise(settings, cmd, env)
+    from agent.app import hard_exit  # noqa: PLC0415
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    hard_exit(code)
+    return code  # not reached
+
+
+def _supervise(settings: Settings, cmd: list[str], env: Mapping[str, str]) -> int:
+    from agent import app  # noqa: PLC0415 - keeps `--help` and `check-config` light
+    from agent.identity import resolve_identity  # noqa: PLC0415
+
+    identity = resolve_identity(settings, env)
+    return asyncio.run(app.run(settings, identity, cmd, env))
+
+
+def _enabled(env: Mapping[str, str]) -> bool:
+    try:
+        return parse_bool(env.get("TELEMETRY_ENABLED", "true"))
+    except ValueError:
+        return True  # reported by load_settings with the other problems
+
+
+def _fail_open(env: Mapping[str, str]) -> bool:
+    try:
+        return parse_bool(env.get("TELEMETRY_FAIL_OPEN", "false"))
+    except ValueError:
+        return False
+
+
+def _exec_plain(cmd: list[str]) -> int:
+    """Become the child: telemetry off means no agent at all in the way."""
+    if not cmd:
+        return 0
+    try:
+        os.execvp(cmd[0], cmd)  # noqa: S606 - running the user's command is the job
+    except FileNotFoundError:
+        print(f"telemetry-agent: command not found: {cmd[0]}", file=sys.stderr)
+        return 127
+    except PermissionError:
+        print(f"telemetry-agent: permission denied: {cmd[0]}", file=sys.stderr)
+        return 126
+    return 0  # not reached

@@ -1,0 +1,50 @@
+"""The agent's exception tree, in one place.
+
+    AgentError
+    ├── ConfigError       bad configuration; lists every bad key at once
+    ├── DeliveryError     an AWS call failed; `retryable` says whether to try again
+    └── SourceError       a source could not read what it measures
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+
+class ConfigError(AgentError):
+    """One or more configuration values are invalid.
+
+    Args:
+        problems: one human sentence per bad value, each naming the variable,
+            the value given and what is accepted.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        noun = "error" if len(self.problems) == 1 else "errors"
+        lines = [f"{len(self.problems)} configuration {noun}:"]
+        lines += [f"  - {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+class DeliveryError(AgentError):
+    """An AWS call did not succeed.
+
+    Args:
+        message: what happened, without credentials.
+        code: the AWS error code, or a transport error name.
+        retryable: whether the same request may succeed later.
+        throttled: whether the service asked us to slow down.
+    """
+
+    def __init__(self, message: str, *, code: str, retryable: bool, throttled: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retryable = retryable
+        self.throttled = throttled
+
+
+class SourceError(AgentError):
+    """A source could not read what it measures (a missing cgroup file, NVML...)."""

@@ -1,0 +1,1 @@
+"""Sinks: where telemetry goes. They never import sources."""

@@ -1,0 +1,1 @@
+"""Sources: where telemetry comes from. They emit values; they never import sinks."""

@@ -1,0 +1,221 @@
+"""The child's stdout and stderr: passed through unchanged, and turned into log events.
+
+One reader thread per pipe does the blocking work: read what the child wrote,
+write it to the agent's own stdout/stderr, and hand the bytes to a bounded
+`Intake`. The thread never waits on a sink, so a slow or stalled sink can never
+block the child; the only thing that can slow the child is the agent's own
+stdout, exactly as it would without the agent. When the intake is full the new
+bytes are dropped and counted, and the framer is told there was a gap so it
+does not glue the ends of two different lines together.
+
+On the event loop, `ChildOutputSource.run` frames the bytes into lines and
+multi-line events (see `agent.rules.lines`) and emits them in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.model import LogEvent
+from agent.rules.lines import IDLE_FLUSH_S, EventJoiner, LineFramer
+from agent.stdio import StdioWriter
+
+# Reads and pipes of 1 MiB: the reader thread needs the GIL once per read, and the loop
+# thread holds it while framing, so big reads keep pass-through fast under load. A big
+# pipe also gives the child more room before its writes could ever wait.
+READ_SIZE = 1 << 20
+PIPE_SIZE = 1 << 20
+DEFAULT_INTAKE_BYTES = 16 << 20
+Emit = Callable[[list[LogEvent]], None]
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+
+
+@dataclass(slots=True)
+class Chunk:
+    """Bytes read from one stream, with their arrival time; `data=None` marks EOF."""
+
+    stream: str
+    data: bytes | None
+    timestamp_ms: int
+    gap: bool = False
+
+
+class Intake:
+    """A bounded, thread-safe hand-over of chunks from reader threads to the loop.
+
+    Args:
+        loop: the event loop that consumes.
+        max_bytes: the bound; beyond it new bytes are dropped and counted.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_bytes: int = DEFAULT_INTAKE_BYTES) -> None:
+        self._loop = loop
+        self._max = max_bytes
+        self._lock = threading.Lock()
+        self._chunks: deque[Chunk] = deque()
+        self._bytes = 0
+        self._gap: set[str] = set()
+        self._signalled = False
+        self._ready = asyncio.Event()
+        self.dropped_bytes = 0
+        self.received_bytes = 0
+
+    def push(self, stream: str, data: bytes | None) -> None:
+        """Called from a reader thread; never blocks on the consumer."""
+        ts = time.time_ns() // 1_000_000
+        with self._lock:
+            if data is not None:
+                self.received_bytes += len(data)
+                if self._bytes + len(data) > self._max:
+                    self.dropped_bytes += len(data)
+                    self._gap.add(stream)
+                    return
+                self._bytes += len(data)
+            gap = stream in self._gap
+            self._gap.discard(stream)
+            self._chunks.append(Chunk(stream, data, ts, gap))
+            if self._signalled:
+                return
+            self._signalled = True
+        try:
+            self._loop.call_soon_threadsafe(self._ready.set)
+        except RuntimeError:  # loop closed during shutdown
+            pass
+
+    async def take(self, timeout: float | None) -> list[Chunk]:
+        """Wait up to `timeout` seconds for chunks; return all that are queued."""
+        if not self._chunks:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._ready.wait()
+            except TimeoutError:
+                return []
+        return self.take_now()
+
+    def take_now(self) -> list[Chunk]:
+        """Return all queued chunks without waiting."""
+        with self._lock:
+            self._ready.clear()
+            self._signalled = False
+            chunks = list(self._chunks)
+            self._chunks.clear()
+            self._bytes = 0
+        return chunks
+
+
+def enlarge_pipe(fd: int, size: int = PIPE_SIZE) -> int:
+    """Grow a pipe's buffer (Linux F_SETPIPE_SZ); return the size it has."""
+    try:
+        return fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+    except OSError:  # above /proc/sys/fs/pipe-max-size for this user: keep what we have
+        try:
+            return fcntl.fcntl(fd, F_GETPIPE_SZ)
+        except OSError:
+            return 0
+
+
+def relay(fd: int, stream: str, writer: StdioWriter, intake: Intake) -> None:
+    """Reader-thread body: child pipe -> pass-through and intake, until EOF."""
+    enlarge_pipe(fd)
+    try:
+        while True:
+            try:
+                data = os.read(fd, READ_SIZE)
+            except OSError:
+                break
+            if not data:
+                break
+            writer.write_child(data)
+            intake.push(stream, data)
+    finally:
+        writer.child_closed()
+        intake.push(stream, None)
+        os.close(fd)
+
+
+class ChildOutputSource:
+    """Frames the child's output into log events.
+
+    Args:
+        intake: where the reader threads put bytes.
+        streams: the stream names whose EOF ends the source.
+        start_pattern: optional multi-line start pattern.
+        idle_flush_s: quiet time after which a half-built event is emitted.
+    """
+
+    def __init__(self, intake: Intake, streams: tuple[str, ...] = ("stdout", "stderr"),
+                 start_pattern: re.Pattern[str] | None = None,
+                 idle_flush_s: float = IDLE_FLUSH_S) -> None:
+        self._intake = intake
+        self._open = set(streams)
+        self._framers = {s: LineFramer() for s in streams}
+        self._joiners = {s: EventJoiner(s, start_pattern) for s in streams}
+        self._last = dict.fromkeys(streams, 0.0)
+        self._idle = idle_flush_s
+        self.events = 0
+        self.finished = asyncio.Event()
+
+    async def run(self, emit: Emit) -> None:
+        """Frame and emit until every stream reached EOF."""
+        try:
+            while self._open:
+                chunks = await self._intake.take(self._timeout())
+                now = time.monotonic()
+                out: list[LogEvent] = []
+                for chunk in chunks:
+                    self._handle(chunk, now, out)
+                for stream, joiner in self._joiners.items():
+                    if joiner.pending and now - self._last[stream] >= self._idle:
+                        out.extend(joiner.flush())
+                if out:
+                    self.events += len(out)
+                    emit(out)
+        finally:
+            self.finished.set()
+
+    def drain(self, emit: Emit) -> None:
+        """Shutdown: frame what is still queued and emit every half-built event."""
+        out: list[LogEvent] = []
+        now = time.monotonic()
+        for chunk in self._intake.take_now():
+            if chunk.stream in self._open:
+                self._handle(chunk, now, out)
+        for stream in list(self._open):
+            self._handle(Chunk(stream, None, 0), now, out)
+        if out:
+            self.events += len(out)
+            emit(out)
+
+    def _handle(self, chunk: Chunk, now: float, out: list[LogEvent]) -> None:
+        framer, joiner = self._framers[chunk.stream], self._joiners[chunk.stream]
+        self._last[chunk.stream] = now
+        if chunk.gap:
+            for piece in framer.flush():
+                out.extend(joiner.add(piece))
+            out.extend(joiner.flush())
+        if chunk.data is None:
+            for piece in framer.flush():
+                out.extend(joiner.add(piece))
+            out.extend(joiner.flush())
+            self._open.discard(chunk.stream)
+            return
+        fast = framer.feed_lines(chunk.data, chunk.timestamp_ms)
+        if fast is not None:
+            out.extend(joiner.add_lines(fast[1], fast[0], chunk.timestamp_ms))
+            return
+        for piece in framer.feed(chunk.data, chunk.timestamp_ms):
+            out.extend(joiner.add(piece))
+
+    def _timeout(self) -> float | None:
+        waits = [self._idle - (time.monotonic() - self._last[s])
+                 for s, j in self._joiners.items() if j.pending]
+        return max(0.0, min(waits)) if waits else None

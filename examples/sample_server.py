@@ -1,0 +1,79 @@
+"""A tiny model server in the SageMaker hosting contract, for trying the agent.
+
+`GET /ping` answers 200 when healthy; `POST /invocations` takes a JSON list of
+numbers and returns their mean and a "prediction" (sum of squares). It listens
+on `SAGEMAKER_BIND_TO_PORT` (default 8080) on 127.0.0.1, or `SAMPLE_SERVER_HOST`.
+`?sleep_ms=N` adds latency and `?status=N` forces a status, for testing metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+log = logging.getLogger("sample_server")
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if urlparse(self.path).path == "/ping":
+            self._reply(200, b"")
+        else:
+            self._reply(404, b'{"error": "not found"}')
+
+    def do_POST(self) -> None:  # noqa: N802
+        url = urlparse(self.path)
+        query = parse_qs(url.query)
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0") or 0))
+        if url.path != "/invocations":
+            self._reply(404, b'{"error": "not found"}')
+            return
+        if "sleep_ms" in query:
+            time.sleep(float(query["sleep_ms"][0]) / 1000)
+        if "status" in query:
+            self._reply(int(query["status"][0]), b'{"forced": true}')
+            return
+        try:
+            values = [float(v) for v in json.loads(body or b"[]")]
+        except (ValueError, TypeError):
+            self._reply(400, b'{"error": "expected a JSON list of numbers"}')
+            return
+        result = {"mean": sum(values) / len(values) if values else 0.0,
+                  "prediction": sum(v * v for v in values)}
+        log.info("predicted n=%d", len(values))
+        self._reply(200, json.dumps(result).encode())
+
+    def _reply(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        log.info("%s %s", self.address_string(), format % args)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    host = os.environ.get("SAMPLE_SERVER_HOST", "127.0.0.1")
+    port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080"))
+    server = ThreadingHTTPServer((host, port), Handler)
+    log.info("listening on %s:%d", host, port)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        log.info("stopped")
+
+
+if __name__ == "__main__":
+    main()
