@@ -10,6 +10,10 @@ from enum import Enum
 from typing import NamedTuple
 
 
+# CloudWatch dimensions as ((name, value), ...): hashable, ordered.
+Dimensions = tuple[tuple[str, str], ...]
+
+
 class Resource(str, Enum):
     """The kind of SageMaker resource the container belongs to."""
 
@@ -60,3 +64,57 @@ class LogEvent(NamedTuple):
     message: str
     stream: str
     size: int
+
+
+def _percent(part: float, whole: float) -> float:
+    return part / whole * 100.0 if whole > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SystemReading:
+    """One sample. Percentages are SageMaker-scaled (CPU: 0-100 per core, summed)."""
+
+    timestamp: float
+    cpu_container_pct: float | None
+    cpu_host_pct: float | None
+    cores_container: float
+    cores_host: int
+    mem_container_used: int
+    mem_container_limit: int
+    mem_host_used: int
+    mem_host_total: int
+    disk_used: int | None
+    disk_size: int | None
+    throttled_periods: int | None
+    throttled_seconds: float | None
+    oom_kills: int | None
+
+    @property
+    def mem_container_pct(self) -> float:
+        return _percent(self.mem_container_used, self.mem_container_limit)
+
+    @property
+    def mem_host_pct(self) -> float:
+        return _percent(self.mem_host_used, self.mem_host_total)
+
+    @property
+    def disk_pct(self) -> float | None:
+        if self.disk_used is None or not self.disk_size:
+            return None
+        return _percent(self.disk_used, self.disk_size)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuReading:
+    """One GPU at one moment."""
+
+    index: int
+    uuid: str
+    name: str
+    utilization_pct: float
+    memory_used: int
+    memory_total: int
+
+    @property
+    def memory_pct(self) -> float:
+        return self.memory_used / self.memory_total * 100.0 if self.memory_total else 0.0

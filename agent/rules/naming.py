@@ -7,9 +7,7 @@ configurable because `AWS/` namespaces are reserved.
 
 from __future__ import annotations
 
-from agent.model import Identity, Resource
-
-Dimensions = tuple[tuple[str, str], ...]
+from agent.model import Dimensions, Identity, Resource
 
 _LOG_GROUPS = {
     Resource.ENDPOINT: "/aws/sagemaker/Endpoints/{endpoint}",

@@ -1,0 +1,121 @@
+"""The Prometheus sink: the latest samples and the agent's health on a local /metrics.
+
+A private registry (never the global one) with one custom collector that
+renders the last readings at scrape time, as client_python's process collector
+does. Names follow node_exporter/cAdvisor conventions in base units (bytes,
+seconds, ratios); GPU series use dcgm-exporter's names and labels so existing
+dashboards work. Served by prometheus_client's threaded HTTP server, on
+127.0.0.1 unless configured otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from agent.model import GpuReading, SystemReading
+
+PREFIX = "sagemaker_agent"
+
+
+@dataclass(slots=True)
+class LatestReadings:
+    """What the collector renders: written by the samplers, read at scrape time."""
+
+    system: SystemReading | None = None
+    gpus: list[GpuReading] = field(default_factory=list)
+    counters: Callable[[], dict[str, float]] = dict
+
+
+def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=labels or [])
+
+
+class ReadingsCollector(Collector):
+    """Builds metric families from `LatestReadings` on every scrape."""
+
+    def __init__(self, latest: LatestReadings) -> None:
+        self._latest = latest
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._system(self._latest.system)
+        yield from self._gpus(self._latest.gpus)
+        yield from self._agent(self._latest.counters())
+
+    def _system(self, r: SystemReading | None) -> Iterator[Metric]:
+        if r is None:
+            return
+        cpu = _gauge(f"{PREFIX}_cpu_usage_cores", "CPU in use, in cores (SageMaker "
+                     "CPUUtilization / 100)", ["view"])
+        for view, pct in (("container", r.cpu_container_pct), ("host", r.cpu_host_pct)):
+            if pct is not None:
+                cpu.add_metric([view], pct / 100.0)
+        yield cpu
+        limit = _gauge(f"{PREFIX}_cpu_limit_cores", "CPUs available", ["view"])
+        limit.add_metric(["container"], r.cores_container)
+        limit.add_metric(["host"], float(r.cores_host))
+        yield limit
+        used = _gauge(f"{PREFIX}_memory_used_bytes", "Memory in use (container: working set)",
+                      ["view"])
+        used.add_metric(["container"], float(r.mem_container_used))
+        used.add_metric(["host"], float(r.mem_host_used))
+        yield used
+        mem_limit = _gauge(f"{PREFIX}_memory_limit_bytes", "Memory limit (host total when "
+                           "unlimited)", ["view"])
+        mem_limit.add_metric(["container"], float(r.mem_container_limit))
+        mem_limit.add_metric(["host"], float(r.mem_host_total))
+        yield mem_limit
+        if r.disk_used is not None and r.disk_size is not None:
+            yield GaugeMetricFamily(f"{PREFIX}_disk_used_bytes", "Used bytes of the measured "
+                                    "filesystem", value=float(r.disk_used))
+            yield GaugeMetricFamily(f"{PREFIX}_disk_size_bytes", "Size of the measured filesystem "
+                                    "(used + available to users)", value=float(r.disk_size))
+        if r.throttled_periods is not None:
+            yield CounterMetricFamily(f"{PREFIX}_cpu_throttled_periods", "CFS periods in which "
+                                      "the container was throttled", value=r.throttled_periods)
+        if r.throttled_seconds is not None:
+            yield CounterMetricFamily(f"{PREFIX}_cpu_throttled_seconds", "Time the container "
+                                      "was throttled", value=r.throttled_seconds)
+        if r.oom_kills is not None:
+            yield CounterMetricFamily(f"{PREFIX}_oom_kills", "Processes of the container killed "
+                                      "by the OOM killer", value=r.oom_kills)
+
+    def _gpus(self, gpus: list[GpuReading]) -> Iterator[Metric]:
+        if not gpus:
+            return
+        labels = ["gpu", "UUID", "modelName"]
+        util = _gauge("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", labels)
+        used = _gauge("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB).", labels)
+        free = _gauge("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB).", labels)
+        for g in gpus:
+            values = [str(g.index), g.uuid, g.name]
+            util.add_metric(values, g.utilization_pct)
+            used.add_metric(values, g.memory_used / 2**20)
+            free.add_metric(values, (g.memory_total - g.memory_used) / 2**20)
+        yield from (util, used, free)
+
+    def _agent(self, counters: dict[str, float]) -> Iterator[Metric]:
+        for name, value in sorted(counters.items()):
+            kind, _, rest = name.partition(":")
+            if kind == "gauge":
+                yield GaugeMetricFamily(f"agent_{rest}", f"agent self-telemetry: {rest}",
+                                        value=value)
+            else:
+                yield CounterMetricFamily(f"agent_{name}", f"agent self-telemetry: {name}",
+                                          value=value)
+
+
+def serve(latest: LatestReadings, host: str, port: int) -> CollectorRegistry:
+    """Start /metrics on host:port in a daemon thread; return the registry.
+
+    Raises:
+        OSError: the address is taken or cannot be bound.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ReadingsCollector(latest))
+    start_http_server(port, addr=host, registry=registry)
+    return registry
