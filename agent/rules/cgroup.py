@@ -79,8 +79,3 @@ def memory_limit(raw: str, host_total: int) -> int:
         return host_total
     limit = int(value)
     return host_total if limit >= V1_UNLIMITED or limit <= 0 else min(limit, host_total)
-
-
-def percent(part: float, whole: float) -> float:
-    """0-100, 0 when the whole is 0."""
-    return part / whole * 100.0 if whole > 0 else 0.0

@@ -52,7 +52,6 @@ class FileSink:
         self._max = max_pending
         self._cond = threading.Condition()
         self._closing = False
-        self._idle = True
         self.written = 0
         self.dropped = 0
         self.errors = 0
@@ -67,7 +66,6 @@ class FileSink:
                 self._pending.popleft()
                 self.dropped += 1
             self._pending.append(line)
-            self._idle = False
             self._cond.notify()
 
     async def aclose(self, timeout: float) -> None:
@@ -87,7 +85,6 @@ class FileSink:
         while True:
             with self._cond:
                 while not self._pending and not self._closing:
-                    self._idle = True
                     self._cond.wait()
                 if not self._pending and self._closing:
                     break
