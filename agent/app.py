@@ -14,13 +14,14 @@ import random
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.aggregate import Aggregator, MetricKey
 from agent.config import Settings
 from agent.log import get_logger
 from agent.model import Identity, Resource
 from agent.rules import naming
+from agent.rules.batching import LOG_BATCH_MAX_BYTES
 from agent.rules.instance_metrics import instance_figures
 from agent.sinks import prometheus
 from agent.sinks.aws import AwsCaller
@@ -37,6 +38,7 @@ from agent.supervisor import FORWARDED, Supervisor
 # before the agent stops reading and flushes what it has.
 PIPE_DRAIN_S = 2.0
 EXIT_NOT_FOUND, EXIT_NOT_EXECUTABLE = 127, 126
+MIB = 1 << 20
 
 _log = get_logger("app")
 
@@ -46,25 +48,62 @@ class Pipeline:
     """The running parts, for shutdown and self-telemetry."""
 
     file_sink: FileSink | None
+    caller: AwsCaller
     logs: CloudWatchLogsSink
     metrics: CloudWatchMetricsSink
     instance: InstanceMetrics
     tasks: list[asyncio.Task[None]]
+    senders: list[asyncio.Task[None]] = field(default_factory=list)
     intake: Intake | None = None
 
     def stats(self) -> dict[str, int]:
-        """Every counter, for the last log line and self-telemetry."""
+        """Every counter, flat, for the last log line."""
         out = {f"log_{k}": v for k, v in self.logs.stats.items()}
         out.update({f"metric_{k}": v for k, v in self.metrics.stats.items()})
+        for prefix, outbox in (("log_events", self.logs.outbox),
+                               ("metric_requests", self.metrics.outbox)):
+            for reason, count in outbox.stats.dropped.items():
+                out[f"{prefix}_dropped_{reason}"] = count
+            out[f"{prefix}_spilled"] = outbox.stats.spilled_items
+            out[f"{prefix}_restored"] = outbox.stats.restored_items
+            out[f"{prefix}_unsent"] = outbox.pending_items
+        out["log_events_possible_duplicates"] = self.caller.stats["possible_duplicates",
+                                                                   "PutLogEvents", ""]
+        out["retries"] = sum(v for k, v in self.caller.stats.items() if k[0] == "retries")
         out["samples"] = self.instance.samples
         out["sampler_errors"] = self.instance.errors
-        out["log_events_unsent"] = self.logs.pending_events
         if self.file_sink is not None:
             out["file_records_written"] = self.file_sink.written
             out["file_records_dropped"] = self.file_sink.dropped
         if self.intake is not None:
             out["child_output_bytes"] = self.intake.received_bytes
             out["child_output_dropped_bytes"] = self.intake.dropped_bytes
+        return out
+
+    def series(self) -> list[prometheus.Series]:
+        """Self-telemetry for Prometheus, with labels."""
+        out = [prometheus.Series(f"aws_{what}", {"api": api, **({"outcome": detail} if what ==
+                                 "calls" else {"kind": detail} if detail else {})}, float(v))
+               for (what, api, detail), v in self.caller.stats.items()]
+        for sink, outbox in (("logs", self.logs.outbox), ("metrics", self.metrics.outbox)):
+            out.append(prometheus.Series("buffer_bytes", {"sink": sink}, outbox.memory_bytes, True))
+            out.append(prometheus.Series("spool_bytes", {"sink": sink}, outbox.spool_bytes, True))
+            out.append(prometheus.Series("pending_items", {"sink": sink}, outbox.pending_items,
+                                         True))
+            for reason, count in outbox.stats.dropped.items():
+                out.append(prometheus.Series("dropped", {"sink": sink, "reason": reason}, count))
+        out.append(prometheus.Series("dropped", {"sink": "logs", "reason": "rejected"},
+                                     self.logs.stats["events_dropped_rejected"]))
+        out.append(prometheus.Series("dropped", {"sink": "logs", "reason": "invalid"},
+                                     self.logs.stats["events_dropped_invalid"]))
+        out.append(prometheus.Series("dropped", {"sink": "metrics", "reason": "invalid"},
+                                     self.metrics.stats["datums_dropped_invalid"]))
+        out.append(prometheus.Series("dropped", {"sink": "metrics", "reason": "nonfinite"},
+                                     self.metrics.stats["datums_dropped_nonfinite"]))
+        batches = self.logs.stats["batches_sent"]
+        if batches:
+            fill = self.logs.stats["bytes_sent"] / (batches * LOG_BATCH_MAX_BYTES)
+            out.append(prometheus.Series("log_batch_fill_ratio", {}, fill, True))
         return out
 
 
@@ -129,24 +168,35 @@ async def publish_loop(instance: InstanceMetrics, sink: CloudWatchMetricsSink, j
         await asyncio.sleep(max(0.0, due - time.time()))
         closed = aggregator.close(time.time() - jitter)
         if closed:
-            await sink.publish(closed)
+            sink.submit(closed)
 
 
 def build_pipeline(settings: Settings, identity: Identity) -> Pipeline:
     """Create the sinks and start their tasks."""
     file_sink = FileSink(settings.file_sink) if settings.file_sink else None
-    caller = AwsCaller(send=settings.cloudwatch_enabled, file_sink=file_sink, region=settings.region)
+    caller = AwsCaller(send=settings.cloudwatch_enabled, file_sink=file_sink, region=settings.region,
+                       timeout=settings.aws_timeout)
+    group = naming.log_group(identity, settings.log_group)
+    stream = naming.log_stream(identity, settings.log_stream)
+    memory, spool_bytes = int(settings.buffer_mb * MIB), int(settings.spool_mb * MIB)
+    spool = settings.spool_dir
+    # Logs get 15/16 of each bound; metrics, a few KB a minute, the rest.
     logs = CloudWatchLogsSink(
-        caller,
-        naming.log_group(identity, settings.log_group),
-        naming.log_stream(identity, settings.log_stream),
-        max_bytes=int(settings.buffer_mb * (1 << 20)),
+        caller, group, stream,
+        max_bytes=memory - memory // 16,
+        spool=spool / naming.spool_folder(group, stream) if spool else None,
+        spool_max_bytes=spool_bytes - spool_bytes // 16,
         retention_days=settings.log_retention_days,
     )
-    metrics = CloudWatchMetricsSink(caller, high_resolution=settings.high_resolution)
+    metrics = CloudWatchMetricsSink(caller, high_resolution=settings.high_resolution,
+                                    max_bytes=max(memory // 16, MIB),
+                                    spool=spool / "metrics" if spool else None,
+                                    spool_max_bytes=max(spool_bytes // 16, MIB))
     instance = InstanceMetrics(settings, identity)
-    pipeline = Pipeline(file_sink, logs, metrics, instance, [])
-    instance.latest.counters = lambda: {k: float(v) for k, v in pipeline.stats().items()}
+    pipeline = Pipeline(file_sink, caller, logs, metrics, instance, [])
+    instance.latest.series = pipeline.series
+    instance.latest.counters = lambda: {k: float(v) for k, v in pipeline.stats().items()
+                                        if not k.endswith("_unsent")}  # gauges, in series()
     if settings.prometheus is not None:
         try:
             prometheus.serve(instance.latest, settings.prometheus.host, settings.prometheus.port)
@@ -156,30 +206,50 @@ def build_pipeline(settings: Settings, identity: Identity) -> Pipeline:
                        hint="set TELEMETRY_PROMETHEUS to a free host:port, or off")
     jitter = random.uniform(0, min(settings.interval * 0.25, 15.0))  # noqa: S311 - not crypto
     pipeline.tasks = [
-        asyncio.create_task(logs.run(), name="cloudwatch_logs"),
         asyncio.create_task(instance.run(), name="instance_metrics"),
         asyncio.create_task(publish_loop(instance, metrics, jitter), name="publish_metrics"),
+    ]
+    pipeline.senders = [
+        asyncio.create_task(logs.run(), name="cloudwatch_logs"),
+        asyncio.create_task(metrics.run(), name="cloudwatch_metrics"),
     ]
     return pipeline
 
 
 async def shutdown(pipeline: Pipeline, deadline: float) -> None:
-    """Flush every sink before `deadline` (monotonic), then cancel what is left."""
+    """Flush every sink before `deadline` (monotonic); spool or count what is left."""
     for task in pipeline.tasks:
         task.cancel()
     await asyncio.gather(*pipeline.tasks, return_exceptions=True)
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
             await pipeline.instance.sample_once()
-            closed = pipeline.instance.aggregator.close(time.time(), force=True)
-            await asyncio.gather(pipeline.logs.flush(), pipeline.metrics.publish(closed))
     except TimeoutError:
         pass
+    pipeline.metrics.submit(pipeline.instance.aggregator.close(time.time(), force=True))
+    for sender in (pipeline.logs, pipeline.metrics):
+        sender.close(deadline)
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            await asyncio.gather(*pipeline.senders)
+    except TimeoutError:
+        for task in pipeline.senders:
+            task.cancel()
+        await asyncio.gather(*pipeline.senders, return_exceptions=True)
+    kept = {"log_events_kept_in_spool": pipeline.logs.outbox.persist(),
+            "metric_requests_kept_in_spool": pipeline.metrics.outbox.persist()}
     if pipeline.file_sink is not None:
         await pipeline.file_sink.aclose(max(0.5, deadline - time.monotonic()))
-    stats = pipeline.stats()
-    lost = {k: v for k, v in stats.items() if v and ("dropped" in k or "unsent" in k)}
+    stats = pipeline.stats() | kept
+    lost = {k: v for k, v in stats.items()
+            if v and ("dropped" in k or k.endswith("_unsent")) and not _kept(k, stats)}
     (_log.warning if lost else _log.info)("agent_stopped", **stats)
+
+
+def _kept(key: str, stats: Mapping[str, int]) -> bool:
+    """Unsent items that wait in the spool for the next start are not lost."""
+    prefix = key.removesuffix("_unsent")
+    return key.endswith("_unsent") and stats.get(f"{prefix}_kept_in_spool", 0) >= stats[key]
 
 
 def child_environment(settings: Settings, env: Mapping[str, str]) -> dict[str, str]:

@@ -285,6 +285,8 @@ FIELDS: tuple[Field, ...] = (
     Field("buffer_mb", number(1, 65536), "64", "memory bound for buffered telemetry, MiB"),
     Field("spool_dir", parse_absolute_path, None, "directory for the disk spool used during outages"),
     Field("spool_mb", number(1, 1048576), "1024", "disk spool bound, MiB"),
+    Field("aws_timeout", number(0.1, 300), "10", "seconds to wait for an AWS answer before retrying "
+          "(connect: at most 3 s of it)"),
     Field("log_retention_days", parse_retention, None, "retention set on log groups the agent creates"),
     Field("fail_open", parse_bool, "false", "on a configuration error, run the child without telemetry"),
     Field("log_level", parse_log_level, "info", "the agent's own log level: debug, info, warning, error"),
@@ -323,6 +325,7 @@ class Settings:
     buffer_mb: float
     spool_dir: Path | None
     spool_mb: float
+    aws_timeout: float
     log_retention_days: int | None
     fail_open: bool
     log_level: str

@@ -35,15 +35,27 @@ class DeliveryError(AgentError):
     Args:
         message: what happened, without credentials.
         code: the AWS error code, or a transport error name.
-        retryable: whether the same request may succeed later.
-        throttled: whether the service asked us to slow down.
+        kind: the failure kind, a `agent.rules.retry.Failure` value: "throttled",
+            "transient", "auth" or "invalid".
+        unknown_outcome: the request may have been applied although no answer came
+            (a read timeout, a reset after sending); a retry may duplicate it.
     """
 
-    def __init__(self, message: str, *, code: str, retryable: bool, throttled: bool = False) -> None:
+    def __init__(self, message: str, *, code: str, kind: str, unknown_outcome: bool = False) -> None:
         super().__init__(message)
         self.code = code
-        self.retryable = retryable
-        self.throttled = throttled
+        self.kind = kind
+        self.unknown_outcome = unknown_outcome
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the same request may succeed later."""
+        return self.kind != "invalid"
+
+    @property
+    def throttled(self) -> bool:
+        """Whether the service asked us to slow down."""
+        return self.kind == "throttled"
 
 
 class SourceError(AgentError):

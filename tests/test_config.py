@@ -43,6 +43,7 @@ BAD_VALUES = {
     "TELEMETRY_BUFFER_MB": "lots",
     "TELEMETRY_SPOOL_DIR": "spool",
     "TELEMETRY_SPOOL_MB": "0",
+    "TELEMETRY_AWS_TIMEOUT": "0",
     "TELEMETRY_LOG_RETENTION_DAYS": "10",
     "TELEMETRY_FAIL_OPEN": "perhaps",
     "TELEMETRY_LOG_LEVEL": "verbose",

@@ -82,6 +82,11 @@ def _json_size(datum: Datum) -> int:
     return len(json.dumps(datum, default=default).encode())
 
 
+def request_size(request: dict[str, Any]) -> int:
+    """Bytes of one PutMetricData request's JSON body, as botocore serializes it."""
+    return _json_size(request)
+
+
 def split_metric_data(namespace: str, items: list[Datum],
                       max_bytes: int = MAX_BODY_BYTES) -> list[list[Datum]]:
     """Cut datums into the fewest requests within the datum and byte limits."""

@@ -123,3 +123,12 @@ def invocation_dimension_sets(identity: Identity, metric: str) -> list[Dimension
     if container is not None:
         sets.append(container)
     return sets
+
+
+def spool_folder(group: str, stream: str) -> str:
+    """A file name for one log stream's spool folder: readable, and unique per group/stream."""
+    import hashlib  # noqa: PLC0415 - only the spool needs it
+
+    digest = hashlib.sha256(f"{group}\0{stream}".encode()).hexdigest()[:12]
+    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in stream)[-80:]
+    return f"logs-{readable}-{digest}"

@@ -1,29 +1,34 @@
-"""The one place the agent talks to AWS: boto3 clients, calls off the loop, error mapping.
+"""The one place the agent talks to AWS: boto3 clients, calls off the loop, errors, retries.
 
-`AwsCaller.call` records every call in the file sink (when one is configured)
-and, when CloudWatch is on, makes it through boto3 in a worker thread. With
-CloudWatch off it is a dry run: the record is all that happens and the call
-"succeeds" with an empty answer. botocore errors become `DeliveryError` here and
-nowhere else.
+`AwsCaller.deliver` records a call in the file sink (when one is configured) and,
+when CloudWatch is on, makes it through boto3 in a worker thread, retrying by
+the one retry policy (`agent.rules.retry`) until it succeeds, fails for good,
+or its deadline comes. With CloudWatch off it is a dry run: the record is all
+that happens and the call "succeeds" with an empty answer. botocore errors
+become `DeliveryError` here and nowhere else; botocore's own retries are off,
+so that one policy decides.
+
+Clients are built once per service with boto3's standard configuration chain:
+`AWS_REGION`, the credentials chain, `AWS_ENDPOINT_URL`,
+`AWS_ENDPOINT_URL_CLOUDWATCH` and `AWS_ENDPOINT_URL_CLOUDWATCH_LOGS` all work as
+in any boto3 program. A client is rebuilt after rejected or expired credentials,
+so refreshed ones are picked up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import time
+from collections import Counter
 from typing import Any
 
 from agent.errors import DeliveryError
+from agent.log import get_logger
+from agent.rules.retry import DEFAULT_POLICY, UNKNOWN_OUTCOME_ERRORS, Failure, RetryPolicy, classify
 from agent.sinks.file import FileSink
 
-# Error codes that mean "try again later" (AWS docs; CloudWatch's query-compatible names too).
-THROTTLE_CODES = frozenset({"Throttling", "ThrottlingException", "ThrottledException",
-                            "RequestLimitExceeded", "TooManyRequestsException",
-                            "LimitExceededException", "RequestThrottled"})
-RETRYABLE_CODES = frozenset({"ServiceUnavailable", "ServiceUnavailableException",
-                             "InternalFailure", "InternalServiceError", "InternalServiceFault",
-                             "RequestTimeout", "RequestTimeoutException", "ExpiredToken",
-                             "ExpiredTokenException", "RequestExpired", "OperationAbortedException"})
+_log = get_logger("aws")
 _SNAKE = re.compile(r"(?<!^)(?=[A-Z])")
 
 
@@ -33,31 +38,84 @@ def snake(api: str) -> str:
 
 
 class AwsCaller:
-    """Makes (or, in a dry run, records) AWS calls.
+    """Makes (or, in a dry run, records) AWS calls, with retries.
 
     Args:
         send: whether to really call AWS.
         file_sink: where every call is recorded, or None.
-        region: the region for the clients.
-        connect_timeout: seconds to connect.
-        read_timeout: seconds to wait for an answer.
+        region: the region for the clients (None: boto3's own chain decides).
+        timeout: seconds to wait for an answer (the connect timeout is at most 3 s of it).
+        policy: the retry policy.
+
+    `stats` counts, by (what, api, detail): "calls" by outcome ("ok" or a failure
+    kind), "retries" by failure kind, "bytes" (request parameters' size, for logs the
+    batch size), and "possible_duplicates": items of attempts whose fate was unknown
+    (no answer after sending), each of which the service may have stored although
+    the batch is sent again: an upper bound on duplicates (at-least-once).
     """
 
     def __init__(self, *, send: bool, file_sink: FileSink | None, region: str | None,
-                 connect_timeout: float = 3.0, read_timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, policy: RetryPolicy = DEFAULT_POLICY) -> None:
         self.send = send
         self.file_sink = file_sink
         self._region = region
-        self._timeouts = (connect_timeout, read_timeout)
+        self._timeouts = (min(3.0, timeout), timeout)
+        self._policy = policy
         self._clients: dict[str, Any] = {}
+        self._failing_since: dict[str, float] = {}
+        self.stats: Counter[tuple[str, str, str]] = Counter()
 
-    async def call(self, service: str, api: str, params: dict[str, Any]) -> dict[str, Any]:
-        """Record and make one call; raise `DeliveryError` when it fails."""
+    async def deliver(self, service: str, api: str, params: dict[str, Any], *,
+                      deadline: float, items: int = 1, size: int = 0) -> dict[str, Any]:
+        """Record the call, then make it until it succeeds; return the answer.
+
+        Args:
+            deadline: `time.monotonic()` after which no further attempt starts.
+            items: events or datums in the call (for the duplicate count).
+            size: bytes the call carries (for self-telemetry).
+
+        Raises:
+            DeliveryError: a failure retrying cannot fix (`retryable` false), or the
+                deadline came first (`retryable` true: keep the data, try later).
+        """
         if self.file_sink is not None:
             self.file_sink.record(api, params)
         if not self.send:
             return {}
-        return await asyncio.to_thread(self._call_sync, service, api, params)
+        attempt = 0
+        while True:
+            try:
+                result = await asyncio.to_thread(self._call_sync, service, api, params)
+            except DeliveryError as exc:
+                self.stats["calls", api, exc.kind] += 1
+                if exc.unknown_outcome:  # this attempt may have been stored: a re-send may duplicate
+                    self.stats["possible_duplicates", api, ""] += items
+                self._note_failure(api, exc)
+                if not exc.retryable:
+                    raise
+                delay = self._policy.delay(attempt, Failure(exc.kind))
+                if time.monotonic() + delay > deadline:
+                    raise
+                self.stats["retries", api, exc.kind] += 1
+                attempt += 1
+                await asyncio.sleep(delay)
+                continue
+            self.stats["calls", api, "ok"] += 1
+            self.stats["bytes", api, ""] += size
+            self._note_success(api, attempt)
+            return result
+
+    def _note_failure(self, api: str, exc: DeliveryError) -> None:
+        if api not in self._failing_since:
+            self._failing_since[api] = time.monotonic()
+            _log.warning("delivery_failing", api=api, code=exc.code, kind=exc.kind,
+                         error=str(exc), then="retrying" if exc.retryable else "dropping the batch")
+
+    def _note_success(self, api: str, attempts: int) -> None:
+        since = self._failing_since.pop(api, None)
+        if since is not None:
+            _log.info("delivery_recovered", api=api, failed_s=round(time.monotonic() - since, 1),
+                      retries=attempts)
 
     def _client(self, service: str) -> Any:
         client = self._clients.get(service)
@@ -66,7 +124,8 @@ class AwsCaller:
             from botocore.config import Config  # noqa: PLC0415
 
             config = Config(connect_timeout=self._timeouts[0], read_timeout=self._timeouts[1],
-                            retries={"max_attempts": 1, "mode": "standard"})
+                            retries={"total_max_attempts": 1}, max_pool_connections=4,
+                            tcp_keepalive=True)
             client = boto3.session.Session().client(service, region_name=self._region, config=config)
             self._clients[service] = client
         return client
@@ -77,23 +136,21 @@ class AwsCaller:
         try:
             result: dict[str, Any] = getattr(self._client(service), snake(api))(**params)
         except ClientError as exc:
-            raise _map_client_error(exc, api, self._clients, service) from None
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", "Unknown"))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            kind = classify(code, status)
+            if kind is Failure.AUTH:
+                self._clients.pop(service, None)  # rebuilt on the next call, with fresh credentials
+            message = str(error.get("Message", ""))[:300]
+            raise DeliveryError(f"{api} failed: {code}: {message}", code=code,
+                                kind=kind.value) from None
         except BotoCoreError as exc:
-            # Connection refused, timeouts, DNS, credentials missing...
+            # Connection refused or reset, timeouts, DNS, credentials missing...
             name = type(exc).__name__
-            retryable = name not in ("NoCredentialsError", "ParamValidationError", "NoRegionError")
-            raise DeliveryError(f"{api} failed: {name}", code=name, retryable=retryable) from None
+            kind = classify(name)
+            if kind is Failure.AUTH:
+                self._clients.pop(service, None)
+            raise DeliveryError(f"{api} failed: {name}", code=name, kind=kind.value,
+                                unknown_outcome=name in UNKNOWN_OUTCOME_ERRORS) from None
         return result
-
-
-def _map_client_error(exc: Any, api: str, clients: dict[str, Any], service: str) -> DeliveryError:
-    error = exc.response.get("Error", {})
-    code = str(error.get("Code", "Unknown"))
-    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-    if code.startswith("ExpiredToken") or code == "RequestExpired":
-        clients.pop(service, None)  # rebuilt on the next call, with refreshed credentials
-    throttled = code in THROTTLE_CODES or status == 429
-    retryable = throttled or code in RETRYABLE_CODES or status >= 500
-    message = str(error.get("Message", ""))[:300]
-    return DeliveryError(f"{api} failed: {code}: {message}", code=code, retryable=retryable,
-                         throttled=throttled)

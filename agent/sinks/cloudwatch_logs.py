@@ -1,17 +1,19 @@
 """The CloudWatch Logs sink: log events -> PutLogEvents batches for one group and stream.
 
-Events wait in a bounded buffer (oldest dropped and counted beyond the bound).
-A batch is sent as soon as it is full, or at most `flush_after` seconds after
-its oldest event arrived. The group and stream are created on first use (an
-existing one is fine) and again when the service says they are gone.
+Events queue in an `Outbox` (memory, then the disk spool, then drop-oldest). A
+batch is sent as soon as it is full, or at most `flush_after` seconds after its
+oldest event arrived. The group and stream are created on first use (an
+existing one is fine) and again when the service says they are gone. Events the
+service rejects (too old, too new) come back in `rejectedLogEventsInfo`: they
+are counted and not retried.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import time
-from collections import deque
 from collections.abc import Sequence
+from pathlib import Path
 
 from agent.errors import DeliveryError
 from agent.log import get_logger
@@ -24,135 +26,134 @@ from agent.rules.batching import (
     take_log_batch,
 )
 from agent.sinks.aws import AwsCaller
+from agent.sinks.delivery import BATCH_DEADLINE_S, BatchSender
+from agent.sinks.outbox import Codec, Outbox
 
 FLUSH_AFTER_S = 5.0
 
 _log = get_logger("cloudwatch_logs")
 
 
-class CloudWatchLogsSink:
+def _encode(events: list[LogEvent]) -> bytes:
+    return json.dumps([[e.timestamp_ms, e.stream, e.message] for e in events],
+                      ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _decode(data: bytes) -> list[LogEvent]:
+    return [LogEvent(int(ts), msg, stream, len(msg.encode())) for ts, stream, msg in json.loads(data)]
+
+
+LOG_CODEC: Codec[LogEvent] = Codec(_encode, _decode)
+
+
+class CloudWatchLogsSink(BatchSender[LogEvent]):
     """Batches log events into PutLogEvents calls.
 
     Args:
         caller: makes (or records) the AWS calls.
         group: the log group.
         stream: the log stream.
-        max_bytes: bound on buffered event bytes.
+        max_bytes: memory bound on queued events (PutLogEvents bytes).
+        spool: the spool directory for this stream, or None.
+        spool_max_bytes: the spool's bound.
         retention_days: retention to set on a group the agent creates, or None.
         flush_after: the longest an event waits for its batch to fill.
     """
 
     def __init__(self, caller: AwsCaller, group: str, stream: str, *, max_bytes: int,
-                 retention_days: int | None = None, flush_after: float = FLUSH_AFTER_S) -> None:
+                 spool: Path | None = None, spool_max_bytes: int = 0,
+                 retention_days: int | None = None, flush_after: float = FLUSH_AFTER_S,
+                 batch_deadline: float = BATCH_DEADLINE_S) -> None:
+        super().__init__(Outbox("logs", max_bytes=max_bytes, cost=log_event_cost,
+                                cut=take_log_batch, codec=LOG_CODEC, spool=spool,
+                                spool_max_bytes=spool_max_bytes),
+                         batch_deadline=batch_deadline)
         self._caller = caller
         self.group = group
         self.stream = stream
-        self._max_bytes = max_bytes
         self._retention = retention_days
         self._flush_after = flush_after
-        self._pending: deque[LogEvent] = deque()
-        self._pending_bytes = 0
         self._oldest_at = 0.0
-        self._wake = asyncio.Event()
         self._created = False
         self.stats = {"events_sent": 0, "batches_sent": 0, "bytes_sent": 0,
-                      "events_dropped_buffer": 0, "events_dropped_rejected": 0,
-                      "events_dropped_invalid": 0}
+                      "events_dropped_rejected": 0, "events_dropped_invalid": 0}
 
     # -- intake --------------------------------------------------------------------------------
 
     def submit(self, events: Sequence[LogEvent]) -> None:
-        """Buffer events; never blocks. Beyond the bound the oldest are dropped and counted."""
-        if not self._pending:
+        """Queue events; never blocks (the outbox spills or drops beyond its bound)."""
+        if not events:
+            return
+        fresh = not self.outbox.queued_items
+        self.outbox.put(events)
+        if fresh:
             self._oldest_at = time.monotonic()
-        for event in events:
-            self._pending.append(event)
-            self._pending_bytes += log_event_cost(event)
-        while self._pending_bytes > self._max_bytes and self._pending:
-            dropped = self._pending.popleft()
-            self._pending_bytes -= log_event_cost(dropped)
-            self.stats["events_dropped_buffer"] += 1
-        if self._batch_full() or len(self._pending) == len(events):
-            self._wake.set()
+            self.wake()
+        elif self._full():
+            self.wake()
 
     @property
     def pending_events(self) -> int:
-        return len(self._pending)
+        return self.outbox.pending_items
 
-    def _batch_full(self) -> bool:
-        return (self._pending_bytes >= LOG_BATCH_MAX_BYTES
-                or len(self._pending) >= LOG_BATCH_MAX_EVENTS)
+    def _full(self) -> bool:
+        return (self.outbox.queued_bytes >= LOG_BATCH_MAX_BYTES
+                or self.outbox.queued_items >= LOG_BATCH_MAX_EVENTS)
 
-    # -- delivery loop -------------------------------------------------------------------------
+    def ready(self) -> bool:
+        return self._full() or self.wait_hint() <= 0
 
-    async def run(self) -> None:
-        """Send batches when full or old enough, until cancelled."""
-        while True:
-            if not self._pending:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            wait = self._flush_after - (time.monotonic() - self._oldest_at)
-            if not self._batch_full() and wait > 0:
-                self._wake.clear()
-                try:
-                    async with asyncio.timeout(wait):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
-                continue
-            await self._send_one()
+    def wait_hint(self) -> float:
+        return self._flush_after - (time.monotonic() - self._oldest_at)
 
-    async def flush(self) -> None:
-        """Send everything buffered now (shutdown)."""
-        while self._pending:
-            await self._send_one()
+    # -- delivery ------------------------------------------------------------------------------
 
-    async def _send_one(self) -> None:
-        count = take_log_batch(self._pending)
-        batch = [self._pending.popleft() for _ in range(count)]
-        self._pending_bytes -= sum(log_event_cost(e) for e in batch)
-        if self._pending:
-            self._oldest_at = time.monotonic()
-        try:
-            await self._put(batch)
-        except DeliveryError as exc:
-            self.stats["events_dropped_invalid"] += len(batch)
-            _log.error("log_batch_dropped", error=str(exc), events=len(batch))
-
-    async def _put(self, batch: list[LogEvent]) -> None:
+    async def send(self, batch: list[LogEvent], deadline: float) -> None:
+        if self.outbox.queued_items:
+            self._oldest_at = time.monotonic()  # what is left starts a new wait
         if not self._created:
-            await self._create()
+            await self._create(deadline)
         params = log_batch_params(self.group, self.stream, batch)
+        size = sum(log_event_cost(e) for e in batch)
+        call = self._caller.deliver
         try:
-            answer = await self._caller.call("logs", "PutLogEvents", params)
+            answer = await call("logs", "PutLogEvents", params, deadline=deadline,
+                                items=len(batch), size=size)
         except DeliveryError as exc:
             if exc.code != "ResourceNotFoundException":
                 raise
-            await self._create()
-            answer = await self._caller.call("logs", "PutLogEvents", params)
+            await self._create(deadline)
+            answer = await call("logs", "PutLogEvents", params, deadline=deadline,
+                                items=len(batch), size=size)
         rejected = _rejected_count(answer.get("rejectedLogEventsInfo"), len(batch))
         if rejected:
             self.stats["events_dropped_rejected"] += rejected
-            _log.warning("log_events_rejected", count=rejected, info=answer["rejectedLogEventsInfo"])
+            _log.warning("log_events_rejected", count=rejected, info=answer["rejectedLogEventsInfo"],
+                         reason="older than 14 days or the retention, or over 2 hours ahead")
         self.stats["events_sent"] += len(batch) - rejected
         self.stats["batches_sent"] += 1
-        self.stats["bytes_sent"] += sum(log_event_cost(e) for e in batch)
+        self.stats["bytes_sent"] += size
 
-    async def _create(self) -> None:
+    def dropped(self, batch: list[LogEvent], error: DeliveryError) -> None:
+        self.stats["events_dropped_invalid"] += len(batch)
+        _log.error("log_batch_dropped", error=str(error), events=len(batch),
+                   reason="the service refused the batch; retrying cannot help")
+
+    async def _create(self, deadline: float) -> None:
         """Create the group (and set retention) and the stream; existing ones are fine."""
+        call = self._caller.deliver
         try:
-            await self._caller.call("logs", "CreateLogGroup", {"logGroupName": self.group})
+            await call("logs", "CreateLogGroup", {"logGroupName": self.group}, deadline=deadline)
             if self._retention is not None:
-                await self._caller.call("logs", "PutRetentionPolicy",
-                                        {"logGroupName": self.group,
-                                         "retentionInDays": self._retention})
+                await call("logs", "PutRetentionPolicy",
+                           {"logGroupName": self.group, "retentionInDays": self._retention},
+                           deadline=deadline)
         except DeliveryError as exc:
             if exc.code != "ResourceAlreadyExistsException":
                 raise
         try:
-            await self._caller.call("logs", "CreateLogStream",
-                                    {"logGroupName": self.group, "logStreamName": self.stream})
+            await call("logs", "CreateLogStream",
+                       {"logGroupName": self.group, "logStreamName": self.stream}, deadline=deadline)
         except DeliveryError as exc:
             if exc.code != "ResourceAlreadyExistsException":
                 raise

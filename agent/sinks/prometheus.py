@@ -22,6 +22,16 @@ from agent.model import GpuReading, SystemReading
 PREFIX = "sagemaker_agent"
 
 
+@dataclass(frozen=True, slots=True)
+class Series:
+    """One labelled self-telemetry value: rendered as `agent_<name>_total`, or a gauge."""
+
+    name: str
+    labels: dict[str, str]
+    value: float
+    gauge: bool = False
+
+
 @dataclass(slots=True)
 class LatestReadings:
     """What the collector renders: written by the samplers, read at scrape time."""
@@ -29,6 +39,7 @@ class LatestReadings:
     system: SystemReading | None = None
     gpus: list[GpuReading] = field(default_factory=list)
     counters: Callable[[], dict[str, float]] = dict
+    series: Callable[[], list[Series]] = list
 
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
@@ -45,6 +56,7 @@ class ReadingsCollector(Collector):
         yield from self._system(self._latest.system)
         yield from self._gpus(self._latest.gpus)
         yield from self._agent(self._latest.counters())
+        yield from self._labelled(self._latest.series())
 
     def _system(self, r: SystemReading | None) -> Iterator[Metric]:
         if r is None:
@@ -107,6 +119,19 @@ class ReadingsCollector(Collector):
             else:
                 yield CounterMetricFamily(f"agent_{name}", f"agent self-telemetry: {name}",
                                           value=value)
+
+
+    def _labelled(self, series: list[Series]) -> Iterator[Metric]:
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+        for item in series:
+            family = families.get(item.name)
+            if family is None:
+                kind = GaugeMetricFamily if item.gauge else CounterMetricFamily
+                family = families[item.name] = kind(f"agent_{item.name}",
+                                                    f"agent self-telemetry: {item.name}",
+                                                    labels=sorted(item.labels))
+            family.add_metric([item.labels[k] for k in sorted(item.labels)], float(item.value))
+        yield from families.values()
 
 
 def serve(latest: LatestReadings, host: str, port: int) -> CollectorRegistry:
