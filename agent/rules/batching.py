@@ -17,6 +17,8 @@ LOG_BATCH_MAX_BYTES = 1_048_576
 LOG_EVENT_OVERHEAD = 26
 LOG_BATCH_MAX_EVENTS = 10_000
 LOG_BATCH_MAX_SPAN_MS = 24 * 3600 * 1000
+# The largest share of a full batch given up to end it on a millisecond boundary.
+TIE_BACKOFF = 0.05
 
 
 def log_event_cost(event: LogEvent) -> int:
@@ -29,20 +31,33 @@ def take_log_batch(pending: Sequence[LogEvent]) -> int:
 
     Takes events in order while the batch stays within the byte, count and
     24-hour span limits. Always takes at least one event when any is pending
-    (every event fits a batch on its own, see `MAX_EVENT_BYTES`).
+    (every event fits a batch on its own, see `MAX_EVENT_BYTES`). When the limit
+    falls inside one millisecond, the cut moves back to that millisecond's start
+    if that costs at most `TIE_BACKOFF` of the batch, so consecutive batches have
+    disjoint timestamps and may be in flight together without reordering.
     """
     total = 0
     low = high = None
-    for count, event in enumerate(pending):
-        if count >= LOG_BATCH_MAX_EVENTS:
-            return count
+    count = len(pending)
+    for index, event in enumerate(pending):
+        if index >= LOG_BATCH_MAX_EVENTS:
+            count = index
+            break
         total += log_event_cost(event)
         ts = event.timestamp_ms
         low = ts if low is None else min(low, ts)
         high = ts if high is None else max(high, ts)
-        if count and (total > LOG_BATCH_MAX_BYTES or high - low > LOG_BATCH_MAX_SPAN_MS):
-            return count
-    return len(pending)
+        if index and (total > LOG_BATCH_MAX_BYTES or high - low > LOG_BATCH_MAX_SPAN_MS):
+            count = index
+            break
+    if count == len(pending):
+        return count
+    tie = pending[count].timestamp_ms
+    start = count
+    floor = max(1, count - int(count * TIE_BACKOFF))
+    while start > floor and pending[start - 1].timestamp_ms == tie:
+        start -= 1
+    return start if pending[start - 1].timestamp_ms != tie else count
 
 
 def log_batch_params(group: str, stream: str, events: Sequence[LogEvent]) -> dict[str, object]:

@@ -30,6 +30,9 @@ from agent.sinks.delivery import BATCH_DEADLINE_S, BatchSender
 from agent.sinks.outbox import Codec, Outbox
 
 FLUSH_AFTER_S = 5.0
+# Two batches in flight keep botocore's serializing of one overlapped with the service's
+# handling of the other; more buys nothing on two cores and risks throttling.
+PARALLEL_BATCHES = 2
 
 _log = get_logger("cloudwatch_logs")
 
@@ -67,7 +70,7 @@ class CloudWatchLogsSink(BatchSender[LogEvent]):
         super().__init__(Outbox("logs", max_bytes=max_bytes, cost=log_event_cost,
                                 cut=take_log_batch, codec=LOG_CODEC, spool=spool,
                                 spool_max_bytes=spool_max_bytes),
-                         batch_deadline=batch_deadline)
+                         batch_deadline=batch_deadline, parallel=PARALLEL_BATCHES)
         self._caller = caller
         self.group = group
         self.stream = stream
@@ -105,6 +108,12 @@ class CloudWatchLogsSink(BatchSender[LogEvent]):
 
     def wait_hint(self) -> float:
         return self._flush_after - (time.monotonic() - self._oldest_at)
+
+    def may_overlap(self, batch: list[LogEvent], running: list[list[LogEvent]]) -> bool:
+        """Only batches with later timestamps than every one in flight: CloudWatch orders a
+        stream by timestamp, so whichever lands first, the stream's order is the child's."""
+        first = min(e.timestamp_ms for e in batch)
+        return all(first > max(e.timestamp_ms for e in other) for other in running)
 
     # -- delivery ------------------------------------------------------------------------------
 

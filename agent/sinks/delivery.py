@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 
 from agent.errors import DeliveryError
 from agent.log import get_logger
-from agent.sinks.outbox import Outbox
+from agent.sinks.outbox import Batch, Outbox
 
 T = TypeVar("T")
 
@@ -33,14 +33,21 @@ class BatchSender(ABC, Generic[T]):
     Args:
         outbox: where the sink's intake queues items.
         batch_deadline: seconds one batch is retried before starting over.
+        parallel: batches in flight at once. More than one only while `may_overlap`
+            says the order cannot suffer (the logs sink: disjoint timestamps).
     """
 
-    def __init__(self, outbox: Outbox[T], *, batch_deadline: float = BATCH_DEADLINE_S) -> None:
+    def __init__(self, outbox: Outbox[T], *, batch_deadline: float = BATCH_DEADLINE_S,
+                 parallel: int = 1) -> None:
         self.outbox = outbox
         self._batch_deadline = batch_deadline
+        self._parallel = parallel
         self._wake = asyncio.Event()
         self._closing: float | None = None
+        self._gave_up = False
+        self._running: dict[asyncio.Task[None], Batch[T]] = {}
         self.stalls = 0
+        self.overlapped = 0
 
     # -- what a sink defines ---------------------------------------------------------------------
 
@@ -60,6 +67,10 @@ class BatchSender(ABC, Generic[T]):
         """Seconds until `ready` turns true by itself, or None to wait for a wake-up."""
         return None
 
+    def may_overlap(self, batch: list[T], running: list[list[T]]) -> bool:
+        """Whether `batch` may be sent while `running` ones are still in flight."""
+        return False
+
     # -- the loop -------------------------------------------------------------------------------
 
     def wake(self) -> None:
@@ -72,45 +83,61 @@ class BatchSender(ABC, Generic[T]):
         self._wake.set()
 
     async def run(self) -> None:
-        """Deliver batches until cancelled, or until closed and empty."""
-        while True:
-            closing = self._closing is not None
-            if not self.outbox or not (closing or self.outbox.backlog or self.ready()):
-                if closing:
+        """Deliver batches until cancelled, or until closed and empty (or out of time)."""
+        try:
+            while True:
+                self._start_sends()
+                if self._closing is not None and not self._running and (
+                        self._gave_up or not self.outbox.waiting):
                     return
                 self._wake.clear()
-                try:
-                    async with asyncio.timeout(self.wait_hint() if self.outbox else None):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
-                continue
+                waiter = asyncio.ensure_future(self._wake.wait())
+                timeout = self.wait_hint() if self.outbox.waiting and not self._running else None
+                await asyncio.wait({waiter, *self._running}, timeout=timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+        finally:
+            tasks = list(self._running)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _start_sends(self) -> None:
+        while len(self._running) < self._parallel and self.outbox.waiting and not self._gave_up:
+            if not (self._closing is not None or self.outbox.backlog or self.ready()):
+                return
+            batch = self.outbox.take()
+            if batch is None:
+                return
+            if self._running:
+                if not self.may_overlap(batch.items, [b.items for b in self._running.values()]):
+                    self.outbox.give_back(batch)
+                    return
+                self.overlapped += 1
             deadline = (self._closing if self._closing is not None
                         else time.monotonic() + self._batch_deadline)
-            if not await self._deliver_one(deadline) and self._closing is not None:
-                return  # the shutdown budget is spent; the caller persists or counts the rest
+            task = asyncio.create_task(self._deliver(batch, deadline))
+            self._running[task] = batch
+            task.add_done_callback(self._running.pop)
 
-    async def _deliver_one(self, deadline: float) -> bool:
-        batch = self.outbox.take()
-        if batch is None:
-            return True
+    async def _deliver(self, batch: Batch[T], deadline: float) -> None:
         try:
-            await self.send(batch, deadline)
+            await self.send(batch.items, deadline)
         except DeliveryError as exc:
-            if exc.retryable:
-                self.outbox.give_back()
-                if self._closing is None:
-                    self.stalls += 1
-                    _log.warning("delivery_stalled", outbox=self.outbox.name, error=str(exc),
-                                 pending=self.outbox.pending_items,
-                                 memory_bytes=self.outbox.memory_bytes,
-                                 spool_bytes=self.outbox.spool_bytes, then="still retrying")
-                return False
-            self.outbox.done()
-            self.dropped(batch, exc)
+            if not exc.retryable:
+                self.outbox.done(batch)
+                self.dropped(batch.items, exc)
+                return
+            self.outbox.give_back(batch)
+            if self._closing is not None:
+                self._gave_up = True  # the shutdown budget is spent; the rest is persisted
+                return
+            self.stalls += 1
+            _log.warning("delivery_stalled", outbox=self.outbox.name, error=str(exc),
+                         pending=self.outbox.pending_items, memory_bytes=self.outbox.memory_bytes,
+                         spool_bytes=self.outbox.spool_bytes, then="still retrying")
         except BaseException:
-            self.outbox.give_back()  # cancelled mid-call: the batch stays first in line
+            self.outbox.give_back(batch)  # cancelled mid-call: the batch stays first in line
             raise
         else:
-            self.outbox.done()
-        return True
+            self.outbox.done(batch)

@@ -11,12 +11,14 @@ deleted only once their batch is delivered. A new agent picks up the segments a
 previous one left in the same directory and sends them first, so a restart
 during an outage loses nothing either.
 
-One batch is in flight at a time (`take` ... `done` or `give_back`): a stream's
-order is the order of delivery.
+Batches leave with `take` and end with `done` (delivered, or refused for good)
+or `give_back` (not delivered: back to the head, in their original order).
+Several may be in flight; the sender decides when that keeps a stream's order.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 import time
 from collections import deque
@@ -45,10 +47,13 @@ class Codec(Generic[T]):
 
 
 @dataclass(slots=True)
-class _Batch(Generic[T]):
+class Batch(Generic[T]):
+    """A batch taken from an outbox: its items, in order."""
+
     items: list[T]
     cost: int
     segment: Path | None = None  # the file that still holds it, deleted on delivery
+    seq: int = 0                 # take order, so batches given back keep their order
 
 
 @dataclass(slots=True)
@@ -87,8 +92,9 @@ class Outbox(Generic[T]):
         self._spool_max = spool_max_bytes
         self._memory: deque[T] = deque()
         self._memory_bytes = 0
-        self._front: deque[_Batch[T]] = deque()
-        self._inflight: _Batch[T] | None = None
+        self._front: list[Batch[T]] = []  # given back, oldest first
+        self._inflight: dict[int, Batch[T]] = {}
+        self._taken = 0
         self._segments: deque[tuple[Path, int, int]] = deque()  # path, bytes, items
         self._spool_bytes = 0
         self._next_seq = _FIRST_SEQ
@@ -103,9 +109,7 @@ class Outbox(Generic[T]):
     @property
     def memory_bytes(self) -> int:
         """Bytes held in memory: queued, given back and in flight."""
-        held = sum(b.cost for b in self._front)
-        if self._inflight is not None:
-            held += self._inflight.cost
+        held = sum(b.cost for b in self._front) + sum(b.cost for b in self._inflight.values())
         return self._memory_bytes + held
 
     @property
@@ -131,12 +135,15 @@ class Outbox(Generic[T]):
         """Items not yet delivered, wherever they are."""
         held = len(self._memory) + sum(len(b.items) for b in self._front)
         held += sum(items for _, _, items in self._segments)
-        if self._inflight is not None:
-            held += len(self._inflight.items)
-        return held
+        return held + sum(len(b.items) for b in self._inflight.values())
+
+    @property
+    def waiting(self) -> bool:
+        """Whether anything waits to be taken (in flight does not count)."""
+        return bool(self._memory or self._front or self._segments)
 
     def __bool__(self) -> bool:
-        return bool(self._memory or self._front or self._segments or self._inflight)
+        return self.waiting or bool(self._inflight)
 
     # -- intake ----------------------------------------------------------------------------------
 
@@ -181,29 +188,29 @@ class Outbox(Generic[T]):
 
     # -- delivery --------------------------------------------------------------------------------
 
-    def take(self) -> list[T] | None:
+    def take(self) -> Batch[T] | None:
         """The next batch, oldest first, now in flight; None when there is nothing."""
-        if self._inflight is not None:
-            raise RuntimeError(f"outbox {self.name}: a batch is already in flight")
         batch = self._next_batch()
-        self._inflight = batch
-        return None if batch is None else batch.items
+        if batch is not None:
+            if not batch.seq:
+                self._taken += 1
+                batch.seq = self._taken
+            self._inflight[batch.seq] = batch
+        return batch
 
-    def done(self) -> None:
-        """The in-flight batch is delivered (or dropped for good): forget it."""
-        batch, self._inflight = self._inflight, None
-        if batch is not None and batch.segment is not None:
+    def done(self, batch: Batch[T]) -> None:
+        """The batch is delivered (or dropped for good): forget it."""
+        if self._inflight.pop(batch.seq, None) is not None and batch.segment is not None:
             _unlink(batch.segment)
 
-    def give_back(self) -> None:
-        """The in-flight batch was not delivered: it goes back to the head of the queue."""
-        batch, self._inflight = self._inflight, None
-        if batch is not None:
-            self._front.appendleft(batch)
+    def give_back(self, batch: Batch[T]) -> None:
+        """The batch was not delivered: back to the head, before every later batch."""
+        if self._inflight.pop(batch.seq, None) is not None:
+            bisect.insort(self._front, batch, key=lambda b: b.seq)
 
-    def _next_batch(self) -> _Batch[T] | None:
+    def _next_batch(self) -> Batch[T] | None:
         if self._front:
-            return self._front.popleft()
+            return self._front.pop(0)
         while self._segments:
             path, size, count = self._segments.popleft()
             self._spool_bytes -= size
@@ -215,14 +222,14 @@ class Outbox(Generic[T]):
                            items=count, error=str(exc))
                 _unlink(path)
                 continue
-            return _Batch(items, sum(self._cost(i) for i in items), path)
+            return Batch(items, sum(self._cost(i) for i in items), path)
         if not self._memory:
             return None
         count = self._cut(self._memory)
         items = [self._memory.popleft() for _ in range(count)]
         cost = sum(self._cost(i) for i in items)
         self._memory_bytes -= cost
-        return _Batch(items, cost)
+        return Batch(items, cost)
 
     # -- shutdown ------------------------------------------------------------------------------
 
@@ -234,7 +241,8 @@ class Outbox(Generic[T]):
         """
         if self._spool is None:
             return 0
-        self.give_back()
+        for batch in list(self._inflight.values()):
+            self.give_back(batch)
         try:
             # Batches given back are older than every segment: they go below the lowest number.
             for batch in reversed(self._front):

@@ -70,3 +70,19 @@ class TestTakeLogBatch:
             assert sum(log_event_cost(e) for e in part) <= LOG_BATCH_MAX_BYTES
             stamps = [e.timestamp_ms for e in part]
             assert max(stamps) - min(stamps) <= LOG_BATCH_MAX_SPAN_MS
+
+
+def test_full_batch_ends_on_a_millisecond_boundary_when_cheap() -> None:
+    """A limit inside one millisecond moves the cut to its start (≤ 5 % of the batch), so
+    consecutive batches share no timestamp and can be in flight together."""
+    events = [event(100, ts=i // 100) for i in range(20_000)]  # 100 lines per ms
+    cut = batches(events)
+    sizes = [sum(log_event_cost(e) for e in b) for b in cut[:-1]]
+    assert len(cut) == 3 and min(sizes) >= LOG_BATCH_MAX_BYTES * 0.95
+    for left, right in zip(cut, cut[1:], strict=False):
+        assert left[-1].timestamp_ms < right[0].timestamp_ms
+
+
+def test_no_boundary_within_reach_keeps_the_full_cut() -> None:
+    events = [event(100, ts=7) for _ in range(20_000)]  # one millisecond, over two batches
+    assert take_log_batch(events) == 8322  # the byte limit: 1,048,576 // 126
