@@ -11,18 +11,24 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client.registry import CollectorRegistry
 
 from agent.aggregate import Aggregator, MetricKey
 from agent.config import Settings
 from agent.log import get_logger
-from agent.model import Identity, Resource
+from agent.model import Dimensions, Identity, RequestRecord, Resource
 from agent.rules import naming
 from agent.rules.batching import LOG_BATCH_MAX_BYTES
 from agent.rules.instance_metrics import instance_figures
+from agent.rules.invocation_metrics import INVOCATION_METRICS, LATENCIES, invocation_figures
+from agent.rules.statsd import INVOCATION, Sample, invocation_record
 from agent.sinks import prometheus
 from agent.sinks.aws import AwsCaller
 from agent.sinks.cloudwatch_logs import CloudWatchLogsSink
@@ -30,6 +36,8 @@ from agent.sinks.cloudwatch_metrics import CloudWatchMetricsSink
 from agent.sinks.file import FileSink
 from agent.sources.child_output import ChildOutputSource, Intake, relay
 from agent.sources.gpu import GpuSampler
+from agent.sources.proxy import RequestProxy
+from agent.sources.statsd import DatagramIntake, listen_udp, listen_unix
 from agent.sources.system import CgroupReader, SystemSampler, default_disk_path
 from agent.stdio import STDERR, STDOUT
 from agent.supervisor import FORWARDED, Supervisor
@@ -55,6 +63,12 @@ class Pipeline:
     tasks: list[asyncio.Task[None]]
     senders: list[asyncio.Task[None]] = field(default_factory=list)
     intake: Intake | None = None
+    registry: CollectorRegistry | None = None
+    requests: RequestMetrics | None = None
+    proxy: RequestProxy | None = None
+    datagrams: DatagramIntake | None = None
+    hook_socket: Path | None = None
+    listeners: list[asyncio.BaseTransport] = field(default_factory=list)
 
     def stats(self) -> dict[str, int]:
         """Every counter, flat, for the last log line."""
@@ -70,6 +84,15 @@ class Pipeline:
         out["log_events_possible_duplicates"] = self.caller.stats["possible_duplicates",
                                                                    "PutLogEvents", ""]
         out["retries"] = sum(v for k, v in self.caller.stats.items() if k[0] == "retries")
+        if self.requests is not None:
+            out["requests"] = self.requests.requests
+            out.update(self.requests.stats)
+        if self.proxy is not None:
+            out["proxy_upstream_errors"] = self.proxy.stats.upstream_errors
+            out.update({f"proxy_refused_{k}": v for k, v in self.proxy.stats.refused.items()})
+        if self.datagrams is not None:
+            out["datagrams"] = self.datagrams.datagrams
+            out["datagram_lines_malformed"] = self.datagrams.malformed
         out["samples"] = self.instance.samples
         out["sampler_errors"] = self.instance.errors
         if self.file_sink is not None:
@@ -159,6 +182,84 @@ class InstanceMetrics:
                 self.aggregator.add(key, figure.value, system.timestamp)
 
 
+class RequestMetrics:
+    """Requests (proxy, hooks) and StatsD samples -> the aggregator and Prometheus.
+
+    Args:
+        settings: for the namespace and the instance count.
+        identity: for dimensions.
+        aggregator: shared with the instance metrics (one publish per interval).
+        instruments: Prometheus counters and histograms, or None.
+        proxy_on: the proxy counts requests; hook-reported requests are then ignored
+            (counting both would double every figure).
+    """
+
+    MAX_CUSTOM_SERIES = 1000
+
+    def __init__(self, settings: Settings, identity: Identity, aggregator: Aggregator,
+                 instruments: prometheus.RequestInstruments | None, *, proxy_on: bool) -> None:
+        self._aggregator = aggregator
+        self._instruments = instruments
+        self._instances = settings.instance_count
+        self._namespace = naming.invocation_namespace(settings.namespace)
+        self._dims = {m: naming.invocation_dimension_sets(identity, m) for m in INVOCATION_METRICS}
+        self._custom_base: Dimensions = (
+            naming.variant_dimensions(identity) if identity.resource is Resource.ENDPOINT
+            else (("Host", naming.host_dimension(identity)),))
+        self._custom: set[tuple[str, Dimensions]] = set()
+        self._proxy_on = proxy_on
+        self.requests = 0
+        self.stats = {"hook_requests_ignored": 0, "custom_series_folded": 0,
+                      "statsd_samples": 0, "statsd_invalid_invocations": 0}
+
+    def on_record(self, record: RequestRecord) -> None:
+        """One /invocations request."""
+        self.requests += 1
+        now = time.time()
+        for figure in invocation_figures(record, self._instances):
+            for dims in self._dims[figure.metric]:
+                key = MetricKey(self._namespace, figure.metric, dims, figure.unit)
+                self._aggregator.add(key, figure.value, now, distribution=figure.distribution)
+        if self._instruments is not None:
+            self._instruments.observe(record)
+
+    def on_samples(self, samples: list[Sample]) -> None:
+        """StatsD samples from UDP or the hook socket."""
+        self.stats["statsd_samples"] += len(samples)
+        now = time.time()
+        for sample in samples:
+            if sample.name == INVOCATION:
+                record = invocation_record(sample)
+                if record is None:
+                    self.stats["statsd_invalid_invocations"] += 1
+                elif self._proxy_on:
+                    self.stats["hook_requests_ignored"] += 1
+                else:
+                    self.on_record(record)
+            elif sample.name in self._dims:
+                latency = sample.name in LATENCIES
+                scale = 1000.0 if latency and sample.unit == "Milliseconds" else 1.0
+                value = sample.value * scale if latency else sample.value / sample.rate
+                for dims in self._dims[sample.name]:
+                    key = MetricKey(self._namespace, sample.name, dims,
+                                    "Microseconds" if latency else "None")
+                    self._aggregator.add(key, value, now, distribution=latency)
+            else:
+                self._custom_metric(sample, now)
+
+    def _custom_metric(self, sample: Sample, now: float) -> None:
+        dims: Dimensions = self._custom_base + sample.tags
+        if (sample.name, dims) not in self._custom:
+            if len(self._custom) >= self.MAX_CUSTOM_SERIES:
+                self.stats["custom_series_folded"] += 1  # bounded cost: fold into one series
+                dims = (*self._custom_base, ("Overflow", "true"))
+            else:
+                self._custom.add((sample.name, dims))
+        value = sample.value / sample.rate if sample.kind == "c" else sample.value
+        key = MetricKey(self._namespace, sample.name, dims, sample.unit)
+        self._aggregator.add(key, value, now, distribution=sample.kind == "d")
+
+
 async def publish_loop(instance: InstanceMetrics, sink: CloudWatchMetricsSink, jitter: float) -> None:
     """Publish each interval when it closes, `jitter` seconds later (spreads a fleet)."""
     aggregator = instance.aggregator
@@ -197,9 +298,13 @@ def build_pipeline(settings: Settings, identity: Identity) -> Pipeline:
     instance.latest.series = pipeline.series
     instance.latest.counters = lambda: {k: float(v) for k, v in pipeline.stats().items()
                                         if not k.endswith("_unsent")}  # gauges, in series()
+    pipeline.registry = prometheus.registry_for(instance.latest)
+    pipeline.requests = RequestMetrics(settings, identity, instance.aggregator,
+                                       prometheus.RequestInstruments(pipeline.registry),
+                                       proxy_on=settings.proxy_listen is not None)
     if settings.prometheus is not None:
         try:
-            prometheus.serve(instance.latest, settings.prometheus.host, settings.prometheus.port)
+            prometheus.serve(pipeline.registry, settings.prometheus.host, settings.prometheus.port)
             _log.info("prometheus_started", address=str(settings.prometheus))
         except OSError as exc:
             _log.error("prometheus_unavailable", address=str(settings.prometheus), error=str(exc),
@@ -218,6 +323,12 @@ def build_pipeline(settings: Settings, identity: Identity) -> Pipeline:
 
 async def shutdown(pipeline: Pipeline, deadline: float) -> None:
     """Flush every sink before `deadline` (monotonic); spool or count what is left."""
+    if pipeline.proxy is not None:
+        await pipeline.proxy.close()
+    for transport in pipeline.listeners:
+        transport.close()
+    if pipeline.hook_socket is not None:
+        pipeline.hook_socket.unlink(missing_ok=True)
     for task in pipeline.tasks:
         task.cancel()
     await asyncio.gather(*pipeline.tasks, return_exceptions=True)
@@ -252,11 +363,62 @@ def _kept(key: str, stats: Mapping[str, int]) -> bool:
     return key.endswith("_unsent") and stats.get(f"{prefix}_kept_in_spool", 0) >= stats[key]
 
 
-def child_environment(settings: Settings, env: Mapping[str, str]) -> dict[str, str]:
-    """The child's environment: the agent's, plus what the hooks need to find the agent."""
+async def start_listeners(pipeline: Pipeline, settings: Settings, env: Mapping[str, str]) -> None:
+    """The hook socket, the StatsD listener and the request proxy. A failure is logged and
+    that listener stays off: the child runs regardless."""
+    requests = pipeline.requests
+    assert requests is not None
+    intake = pipeline.datagrams = DatagramIntake(requests.on_samples)
+    hook = settings.hook_socket or Path(tempfile.mkdtemp(prefix="telemetry-agent-")) / "hooks.sock"
+    try:
+        pipeline.listeners.append(await listen_unix(intake, hook))
+        pipeline.hook_socket = hook
+    except OSError as exc:
+        _log.error("hook_socket_unavailable", path=str(hook), error=str(exc))
+    if settings.statsd is not None:
+        try:
+            pipeline.listeners.append(await listen_udp(intake, settings.statsd.host,
+                                                       settings.statsd.port))
+        except OSError as exc:
+            _log.error("statsd_unavailable", address=str(settings.statsd), error=str(exc),
+                       hint="set TELEMETRY_STATSD to a free host:port, or off")
+    if settings.proxy_listen is not None and settings.proxy_upstream is not None:
+        host, port = proxy_front(settings, env)
+        upstream = settings.proxy_upstream
+        registry = pipeline.registry
+        page = (lambda: prometheus.page(registry)) if settings.proxy_metrics and registry else None
+        proxy = RequestProxy((upstream.host, upstream.port), requests.on_record,
+                             timeout=settings.proxy_timeout, metrics_page=page)
+        try:
+            await proxy.start(host, port)
+            pipeline.proxy = proxy
+            _log.info("proxy_started", listen=f"{host}:{port}", upstream=str(upstream))
+        except OSError as exc:
+            _log.error("proxy_unavailable", listen=f"{host}:{port}", error=str(exc))
+
+
+def proxy_front(settings: Settings, env: Mapping[str, str]) -> tuple[str, int]:
+    """Where the proxy listens. `auto`: all interfaces (SageMaker calls the container from
+    outside) on the port SageMaker gave, `SAGEMAKER_BIND_TO_PORT`, or 8080."""
+    listen = settings.proxy_listen
+    assert listen is not None
+    if listen.host != "auto":
+        return listen.host, listen.port
+    try:
+        return "0.0.0.0", int(env.get("SAGEMAKER_BIND_TO_PORT", "8080"))  # noqa: S104
+    except ValueError:
+        return "0.0.0.0", 8080  # noqa: S104
+
+
+def child_environment(settings: Settings, env: Mapping[str, str],
+                      hook_socket: Path | None = None) -> dict[str, str]:
+    """The child's environment: the agent's, plus where the hooks find the agent and, with
+    the proxy in front, the port the model server should move to."""
     child = dict(env)
-    if settings.hook_socket is not None:
-        child["TELEMETRY_HOOK_SOCKET"] = str(settings.hook_socket)
+    if hook_socket is not None:
+        child["TELEMETRY_HOOK_SOCKET"] = str(hook_socket)
+    if settings.proxy_listen is not None and settings.proxy_upstream is not None:
+        child["SAGEMAKER_BIND_TO_PORT"] = str(settings.proxy_upstream.port)
     return child
 
 
@@ -268,6 +430,7 @@ async def run(settings: Settings, identity: Identity, argv: Sequence[str],
     for sig in FORWARDED:  # until the child runs, a stop signal just stops the agent
         loop.add_signal_handler(sig, stop.set)
     pipeline = build_pipeline(settings, identity)
+    await start_listeners(pipeline, settings, env)
     _log.info("agent_started", log_group=pipeline.logs.group, log_stream=pipeline.logs.stream,
               cloudwatch=settings.cloudwatch_enabled, child=list(argv))
     if not argv:
@@ -281,7 +444,8 @@ async def run(settings: Settings, identity: Identity, argv: Sequence[str],
 
 async def _run_child(settings: Settings, pipeline: Pipeline, argv: Sequence[str],
                      env: Mapping[str, str]) -> int:
-    supervisor = Supervisor(argv, child_environment(settings, env), settings.stop_grace)
+    supervisor = Supervisor(argv, child_environment(settings, env, pipeline.hook_socket),
+                            settings.stop_grace)
     intake = pipeline.intake = Intake(asyncio.get_running_loop())
     source = ChildOutputSource(intake, start_pattern=settings.log_start_pattern)
     try:

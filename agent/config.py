@@ -270,6 +270,10 @@ FIELDS: tuple[Field, ...] = (
           "that would be made"),
     Field("proxy_listen", parse_listen, None, "request proxy front address (host:port or auto)"),
     Field("proxy_upstream", parse_address, None, "model server address behind the proxy"),
+    Field("proxy_timeout", number(0.1, 3600), "60", "seconds the model server may stay silent "
+          "before the proxy answers 504"),
+    Field("proxy_metrics", parse_bool, "false", "serve Prometheus /metrics on the proxy's port too "
+          "(off when the model server serves its own)"),
     Field("hook_socket", parse_socket_path, None, "Unix datagram socket for hooks; default a private path"),
     Field("statsd", parse_address, "127.0.0.1:8125", "UDP StatsD/DogStatsD listener, or off"),
     Field("disk_path", parse_absolute_path, None, "filesystem measured by DiskUtilization; default /opt/ml, else /"),
@@ -313,6 +317,8 @@ class Settings:
     file_sink: Path | None
     proxy_listen: Address | None
     proxy_upstream: Address | None
+    proxy_timeout: float
+    proxy_metrics: bool
     hook_socket: Path | None
     statsd: Address | None
     disk_path: Path | None

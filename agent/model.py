@@ -66,6 +66,21 @@ class LogEvent(NamedTuple):
     size: int
 
 
+class RequestRecord(NamedTuple):
+    """One /invocations request, as the proxy or a hook saw it.
+
+    Attributes:
+        status: the HTTP status answered (502/504 for upstream failures).
+        container_us: ContainerLatency, first byte in to last byte out, or None
+            when the source cannot see the container's front (a hook in the model).
+        model_us: ModelLatency: time in the model server or the hooked inference code.
+    """
+
+    status: int
+    container_us: float | None
+    model_us: float
+
+
 def _percent(part: float, whole: float) -> float:
     return part / whole * 100.0 if whole > 0 else 0.0
 

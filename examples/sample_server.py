@@ -3,7 +3,8 @@
 `GET /ping` answers 200 when healthy; `POST /invocations` takes a JSON list of
 numbers and returns their mean and a "prediction" (sum of squares). It listens
 on `SAGEMAKER_BIND_TO_PORT` (default 8080) on 127.0.0.1, or `SAMPLE_SERVER_HOST`.
-`?sleep_ms=N` adds latency and `?status=N` forces a status, for testing metrics.
+`?sleep_ms=N` adds latency, `?status=N` forces a status, and `?chunks=N&chunk_ms=M`
+streams a chunked answer, for testing metrics; request bodies may be chunked.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         url = urlparse(self.path)
         query = parse_qs(url.query)
-        body = self.rfile.read(int(self.headers.get("Content-Length", "0") or 0))
+        body = self._body()
         if url.path != "/invocations":
             self._reply(404, b'{"error": "not found"}')
             return
@@ -38,6 +39,9 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(float(query["sleep_ms"][0]) / 1000)
         if "status" in query:
             self._reply(int(query["status"][0]), b'{"forced": true}')
+            return
+        if "chunks" in query:  # a streamed answer: N chunks, chunk_ms apart
+            self._stream(int(query["chunks"][0]), float(query.get("chunk_ms", ["0"])[0]))
             return
         try:
             values = [float(v) for v in json.loads(body or b"[]")]
@@ -48,6 +52,37 @@ class Handler(BaseHTTPRequestHandler):
                   "prediction": sum(v * v for v in values)}
         log.info("predicted n=%d", len(values))
         self._reply(200, json.dumps(result).encode())
+
+    def _body(self) -> bytes:
+        """The request body, by Content-Length or chunked (large ones are counted, not kept)."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            parts = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length", "0") or 0)
+        if length > 1 << 20:  # an upload test: read it through, answer its size
+            left = length
+            while left:
+                left -= len(self.rfile.read(min(left, 1 << 20)))
+            return json.dumps([float(length)]).encode()
+        return self.rfile.read(length)
+
+    def _stream(self, chunks: int, pause_ms: float) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for i in range(chunks):
+            piece = f"chunk {i}\n".encode()
+            self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            self.wfile.flush()
+            time.sleep(pause_ms / 1000)
+        self.wfile.write(b"0\r\n\r\n")
 
     def _reply(self, status: int, body: bytes) -> None:
         self.send_response(status)
@@ -64,6 +99,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     host = os.environ.get("SAMPLE_SERVER_HOST", "127.0.0.1")
     port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080"))
+    ThreadingHTTPServer.request_queue_size = 1024  # the default 5 refuses bursts
     server = ThreadingHTTPServer((host, port), Handler)
     log.info("listening on %s:%d", host, port)
     try:

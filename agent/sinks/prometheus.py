@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import start_http_server
+from prometheus_client import Counter, Histogram, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from agent.model import GpuReading, SystemReading
+from agent.model import GpuReading, RequestRecord, SystemReading
 
 PREFIX = "sagemaker_agent"
 
@@ -134,13 +134,53 @@ class ReadingsCollector(Collector):
         yield from families.values()
 
 
-def serve(latest: LatestReadings, host: str, port: int) -> CollectorRegistry:
-    """Start /metrics on host:port in a daemon thread; return the registry.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0)
+
+
+class RequestInstruments:
+    """Invocation counters and latency histograms, with SageMaker's meaning.
+
+    `sagemaker_agent_invocations_total{status_class}` counts requests by 2xx/4xx/5xx
+    (rate() of the 4xx/5xx series over all is the error rate); the histograms are
+    seconds (base units), where CloudWatch gets microseconds.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._count = Counter(f"{PREFIX}_invocations", "Requests to /invocations",
+                              ["status_class"], registry=registry)
+        self._latency = {
+            name: Histogram(f"{PREFIX}_{label}_latency_seconds", doc, buckets=LATENCY_BUCKETS,
+                            registry=registry)
+            for name, label, doc in (
+                ("model", "model", "Time in the model server or hooked inference (ModelLatency)"),
+                ("container", "container", "First byte in to last byte out (ContainerLatency)"),
+                ("overhead", "overhead", "ContainerLatency - ModelLatency (OverheadLatency)"))}
+
+    def observe(self, record: RequestRecord) -> None:
+        self._count.labels(f"{min(record.status // 100, 5)}xx").inc()
+        self._latency["model"].observe(record.model_us / 1e6)
+        if record.container_us is not None:
+            self._latency["container"].observe(record.container_us / 1e6)
+            self._latency["overhead"].observe(max(0.0, record.container_us - record.model_us) / 1e6)
+
+
+def registry_for(latest: LatestReadings) -> CollectorRegistry:
+    """A private registry rendering `latest` (never the process-global one)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ReadingsCollector(latest))
+    return registry
+
+
+def page(registry: CollectorRegistry) -> bytes:
+    """The text exposition of `registry` (for /metrics on the proxy's port)."""
+    return generate_latest(registry)
+
+
+def serve(registry: CollectorRegistry, host: str, port: int) -> None:
+    """Start /metrics on host:port in a daemon thread.
 
     Raises:
         OSError: the address is taken or cannot be bound.
     """
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(ReadingsCollector(latest))
     start_http_server(port, addr=host, registry=registry)
-    return registry
