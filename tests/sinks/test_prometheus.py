@@ -27,7 +27,8 @@ def scrape(port: int, timeout: float = 40) -> str:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
                 text = answer.read().decode()
-            if "sagemaker_agent_cpu_usage_cores" in text:
+            # The first sample has no CPU figure yet (it needs two readings): wait for one.
+            if 'sagemaker_agent_cpu_usage_cores{view="container"}' in text:
                 return text
         except OSError:
             pass
