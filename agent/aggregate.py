@@ -93,6 +93,25 @@ class Aggregator:
         stat.add(value, weight)
         return True
 
+    def add_many(self, items: list[tuple[MetricKey, float, bool]], now: float) -> int:
+        """Record several figures at one time `now` (a request's figures): (key, value,
+        distribution) each; return how many were taken."""
+        start = int(now // self.interval) * self.interval
+        if self._next_close is not None and start < self._next_close - self.interval:
+            self.late += len(items)
+            return 0
+        bucket = self._open.setdefault(start, {})
+        taken = 0
+        for key, value, distribution in items:
+            if not math.isfinite(value):
+                continue
+            stat = bucket.get(key)
+            if stat is None:
+                stat = bucket[key] = Statistic(values={} if distribution else None)
+            stat.add(value)
+            taken += 1
+        return taken
+
     def close(self, now: float, *, force: bool = False) -> list[ClosedInterval]:
         """Intervals that ended by `now` (all open ones with `force`, for shutdown)."""
         current = int(now // self.interval) * self.interval

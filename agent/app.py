@@ -203,6 +203,9 @@ class RequestMetrics:
         self._instances = settings.instance_count
         self._namespace = naming.invocation_namespace(settings.namespace)
         self._dims = {m: naming.invocation_dimension_sets(identity, m) for m in INVOCATION_METRICS}
+        units = {m: "Microseconds" if m in LATENCIES else "None" for m in INVOCATION_METRICS}
+        self._keys = {m: [MetricKey(self._namespace, m, dims, units[m]) for dims in sets]
+                      for m, sets in self._dims.items()}
         self._custom_base: Dimensions = (
             naming.variant_dimensions(identity) if identity.resource is Resource.ENDPOINT
             else (("Host", naming.host_dimension(identity)),))
@@ -215,11 +218,11 @@ class RequestMetrics:
     def on_record(self, record: RequestRecord) -> None:
         """One /invocations request."""
         self.requests += 1
-        now = time.time()
-        for figure in invocation_figures(record, self._instances):
-            for dims in self._dims[figure.metric]:
-                key = MetricKey(self._namespace, figure.metric, dims, figure.unit)
-                self._aggregator.add(key, figure.value, now, distribution=figure.distribution)
+        keys = self._keys
+        items = [(key, figure.value, figure.distribution)
+                 for figure in invocation_figures(record, self._instances)
+                 for key in keys[figure.metric]]
+        self._aggregator.add_many(items, time.time())
         if self._instruments is not None:
             self._instruments.observe(record)
 

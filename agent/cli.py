@@ -11,7 +11,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from agent import __version__
 from agent.config import ConfigError, Settings, load_settings, parse_bool
@@ -101,7 +101,17 @@ def _supervise(settings: Settings, cmd: list[str], env: Mapping[str, str]) -> in
     from agent.identity import resolve_identity  # noqa: PLC0415
 
     identity = resolve_identity(settings, env)
-    return asyncio.run(app.run(settings, identity, cmd, env))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(app.run(settings, identity, cmd, env))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (libuv: about half the CPU per proxied request), else asyncio's."""
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _enabled(env: Mapping[str, str]) -> bool:

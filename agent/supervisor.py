@@ -24,6 +24,7 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
 STOPPING = (signal.SIGTERM, signal.SIGINT)
 # A fallback poll in case a SIGCHLD is missed (they coalesce; handlers can race startup).
 REAP_POLL_S = 1.0
+FAST_POLL_S = 0.05  # when neither SIGCHLD nor a pidfd can tell us
 
 _log = get_logger("supervisor")
 
@@ -53,6 +54,7 @@ class Supervisor:
         self._status: asyncio.Future[int] | None = None
         self._kill_timer: asyncio.TimerHandle | None = None
         self._pid1 = os.getpid() == 1
+        self._poll_every = REAP_POLL_S
 
     def start(self) -> tuple[int, int]:
         """Spawn the child; return the read ends of its stdout and stderr pipes.
@@ -62,7 +64,11 @@ class Supervisor:
         """
         loop = asyncio.get_running_loop()
         self._status = loop.create_future()
-        loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        try:
+            loop.add_signal_handler(signal.SIGCHLD, self._reap)
+            sigchld = True
+        except RuntimeError:  # uvloop keeps SIGCHLD for itself: watch the child's pidfd instead
+            sigchld = False
         self.process = subprocess.Popen(  # noqa: S603 - running the user's command is the job
             self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             close_fds=True, bufsize=0,
@@ -75,6 +81,8 @@ class Supervisor:
         fds = (os.dup(out), os.dup(err))
         self.process.stdout.close()
         self.process.stderr.close()
+        if not sigchld:
+            self._watch_pidfd(loop, self.process.pid)
         self._reap()
         loop.create_task(self._poll())
         _log.info("child_started", pid=self.process.pid, argv=self.argv)
@@ -137,10 +145,26 @@ class Supervisor:
             else:
                 self.reaped_orphans += 1
 
+    def _watch_pidfd(self, loop: asyncio.AbstractEventLoop, pid: int) -> None:
+        """Reap as soon as the child exits, without SIGCHLD (Linux ≥ 5.3 pidfds); with no
+        pidfd, the poll below runs often enough instead."""
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            self._poll_every = FAST_POLL_S
+            return
+
+        def exited() -> None:
+            loop.remove_reader(fd)
+            os.close(fd)
+            self._reap()
+
+        loop.add_reader(fd, exited)
+
     async def _poll(self) -> None:
         assert self._status is not None
         while not self._status.done():
-            await asyncio.sleep(REAP_POLL_S)
+            await asyncio.sleep(self._poll_every)
             self._reap()
 
     def _restore_signals(self) -> None:
