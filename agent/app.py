@@ -20,14 +20,14 @@ from pathlib import Path
 
 from prometheus_client.registry import CollectorRegistry
 
-from agent.aggregate import Aggregator, MetricKey
+from agent.aggregate import Aggregator, MetricKey, RequestTally
 from agent.config import Settings
 from agent.log import get_logger
 from agent.model import Dimensions, Identity, RequestRecord, Resource
 from agent.rules import naming
 from agent.rules.batching import LOG_BATCH_MAX_BYTES
 from agent.rules.instance_metrics import instance_figures
-from agent.rules.invocation_metrics import INVOCATION_METRICS, LATENCIES, invocation_figures
+from agent.rules.invocation_metrics import INVOCATION_METRICS, LATENCIES, invocation_counts
 from agent.rules.statsd import INVOCATION, Sample, invocation_record
 from agent.sinks import prometheus
 from agent.sinks.aws import AwsCaller
@@ -203,6 +203,8 @@ class RequestMetrics:
         self._instances = settings.instance_count
         self._namespace = naming.invocation_namespace(settings.namespace)
         self._dims = {m: naming.invocation_dimension_sets(identity, m) for m in INVOCATION_METRICS}
+        self._interval = settings.interval
+        self._tallies: dict[int, RequestTally] = {}
         units = {m: "Microseconds" if m in LATENCIES else "None" for m in INVOCATION_METRICS}
         self._keys = {m: [MetricKey(self._namespace, m, dims, units[m]) for dims in sets]
                       for m, sets in self._dims.items()}
@@ -218,13 +220,23 @@ class RequestMetrics:
     def on_record(self, record: RequestRecord) -> None:
         """One /invocations request."""
         self.requests += 1
-        keys = self._keys
-        items = [(key, figure.value, figure.distribution)
-                 for figure in invocation_figures(record, self._instances)
-                 for key in keys[figure.metric]]
-        self._aggregator.add_many(items, time.time())
+        now = time.time()
+        start = int(now // self._interval) * self._interval
+        tally = self._tallies.get(start)
+        if tally is None:
+            tally = self._tallies[start] = RequestTally()
+        tally.add(record.status, record.model_us, record.container_us)
         if self._instruments is not None:
             self._instruments.observe(record)
+
+    def flush(self) -> None:
+        """Move the tallied requests into the aggregator (before it closes intervals)."""
+        tallies, self._tallies = self._tallies, {}
+        for start, tally in tallies.items():
+            self._aggregator.merge(start, [
+                (key, counted, metric in LATENCIES)
+                for metric, counted in invocation_counts(tally, self._instances)
+                for key in self._keys[metric]])
 
     def on_samples(self, samples: list[Sample]) -> None:
         """StatsD samples from UDP or the hook socket."""
@@ -263,13 +275,16 @@ class RequestMetrics:
         self._aggregator.add(key, value, now, distribution=sample.kind == "d")
 
 
-async def publish_loop(instance: InstanceMetrics, sink: CloudWatchMetricsSink, jitter: float) -> None:
+async def publish_loop(instance: InstanceMetrics, sink: CloudWatchMetricsSink, jitter: float,
+                       requests: RequestMetrics | None = None) -> None:
     """Publish each interval when it closes, `jitter` seconds later (spreads a fleet)."""
     aggregator = instance.aggregator
     aggregator.close(time.time())
     while True:
         due = aggregator.next_close_at(time.time()) + jitter
         await asyncio.sleep(max(0.0, due - time.time()))
+        if requests is not None:
+            requests.flush()
         closed = aggregator.close(time.time() - jitter)
         if closed:
             sink.submit(closed)
@@ -315,7 +330,7 @@ def build_pipeline(settings: Settings, identity: Identity) -> Pipeline:
     jitter = random.uniform(0, min(settings.interval * 0.25, 15.0))  # noqa: S311 - not crypto
     pipeline.tasks = [
         asyncio.create_task(instance.run(), name="instance_metrics"),
-        asyncio.create_task(publish_loop(instance, metrics, jitter), name="publish_metrics"),
+        asyncio.create_task(publish_loop(instance, metrics, jitter, pipeline.requests), name="publish_metrics"),
     ]
     pipeline.senders = [
         asyncio.create_task(logs.run(), name="cloudwatch_logs"),
@@ -340,6 +355,8 @@ async def shutdown(pipeline: Pipeline, deadline: float) -> None:
             await pipeline.instance.sample_once()
     except TimeoutError:
         pass
+    if pipeline.requests is not None:
+        pipeline.requests.flush()
     pipeline.metrics.submit(pipeline.instance.aggregator.close(time.time(), force=True))
     for sender in (pipeline.logs, pipeline.metrics):
         sender.close(deadline)

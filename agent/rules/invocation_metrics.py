@@ -10,9 +10,7 @@ front was seen (the proxy), never from a hook alone.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-from agent.model import RequestRecord
+from agent.aggregate import RequestTally
 
 INVOCATION_METRICS = ("Invocations", "Invocation4XXErrors", "Invocation5XXErrors",
                       "InvocationsPerInstance", "ModelLatency", "OverheadLatency",
@@ -20,31 +18,23 @@ INVOCATION_METRICS = ("Invocations", "Invocation4XXErrors", "Invocation5XXErrors
 LATENCIES = frozenset({"ModelLatency", "OverheadLatency", "ContainerLatency"})
 
 
-class InvocationFigure(NamedTuple):
-    metric: str
-    value: float
-    unit: str
-    distribution: bool
+Counted = dict[float, int] | tuple[float, float]
 
 
-def invocation_figures(record: RequestRecord, instance_count: int) -> list[InvocationFigure]:
-    """The figures one request contributes."""
-    status = record.status
-    out = [
-        InvocationFigure("Invocations", 1.0, "None", False),
-        InvocationFigure("Invocation4XXErrors", 1.0 if 400 <= status < 500 else 0.0, "None", False),
-        InvocationFigure("Invocation5XXErrors", 1.0 if status >= 500 else 0.0, "None", False),
-        InvocationFigure("InvocationsPerInstance", 1.0 / instance_count, "None", False),
-        InvocationFigure("ModelLatency", _us(record.model_us), "Microseconds", True),
-    ]
-    if record.container_us is not None:
-        container = _us(record.container_us)
-        out.append(InvocationFigure("ContainerLatency", container, "Microseconds", True))
-        out.append(InvocationFigure("OverheadLatency", max(0.0, container - _us(record.model_us)),
-                                    "Microseconds", True))
+def invocation_counts(tally: RequestTally, instance_count: int) -> list[tuple[str, Counted]]:
+    """An interval's tallied requests as (metric, counts): (value, times) for the
+    per-request constants, value -> count maps for the 0/1 error figures and the
+    latencies (whole microseconds)."""
+    n = tally.requests
+    if not n:
+        return []
+    out: list[tuple[str, Counted]] = [("Invocations", (1.0, n)),
+                                      ("InvocationsPerInstance", (1.0 / instance_count, n))]
+    for metric, errors in (("Invocation4XXErrors", tally.errors_4xx),
+                           ("Invocation5XXErrors", tally.errors_5xx)):
+        out.append((metric, {1.0: errors, 0.0: n - errors}))
+    out.append(("ModelLatency", tally.model))
+    if tally.container:
+        out.append(("ContainerLatency", tally.container))
+        out.append(("OverheadLatency", tally.overhead))
     return out
-
-
-def _us(value: float) -> float:
-    """Whole microseconds: CloudWatch shows no finer, and equal values share a bucket."""
-    return float(round(value))
