@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
                               "when it has options of its own.")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="the model server command")
     commands.add_parser("check-config", help="validate the configuration and print it")
+    commands.add_parser("dashboard", help="print a CloudWatch dashboard body for the metrics "
+                        "this configuration publishes",
+                        description="Print JSON for `aws cloudwatch put-dashboard "
+                        "--dashboard-body file://...`, from the same TELEMETRY_* settings.")
     return parser
 
 
@@ -42,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "check-config":
         return check_config(os.environ)
+    if args.command == "dashboard":
+        return print_dashboard(os.environ)
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
@@ -69,6 +75,22 @@ def check_config(env: Mapping[str, str]) -> int:
         },
     }
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def print_dashboard(env: Mapping[str, str]) -> int:
+    """Print the dashboard body for this configuration; 2 on a configuration error."""
+    try:
+        settings = load_settings(env)
+    except ConfigError as exc:
+        print(f"telemetry-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    from agent.identity import resolve_identity  # noqa: PLC0415
+    from agent.rules.dashboard import dashboard  # noqa: PLC0415
+
+    identity = resolve_identity(settings, env)
+    print(json.dumps(dashboard(identity, settings.namespace, settings.region or "us-east-1"),
+                     indent=2, ensure_ascii=False))
     return 0
 
 

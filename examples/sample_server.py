@@ -1,7 +1,8 @@
 """A tiny model server in the SageMaker hosting contract, for trying the agent.
 
-`GET /ping` answers 200 when healthy; `POST /invocations` takes a JSON list of
-numbers and returns their mean and a "prediction" (sum of squares). It listens
+`GET /ping` answers 200 when healthy; `POST /invocations` takes rows of 3 features
+(`[[1, 2, 3], ...]`) and returns the NumPy linear model's predictions (examples/model.py),
+or a flat JSON list of numbers and returns their mean and sum of squares. It listens
 on `SAGEMAKER_BIND_TO_PORT` (default 8080) on 127.0.0.1, or `SAMPLE_SERVER_HOST`.
 `?sleep_ms=N` adds latency, `?status=N` forces a status, and `?chunks=N&chunk_ms=M`
 streams a chunked answer, for testing metrics; request bodies may be chunked.
@@ -17,6 +18,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 log = logging.getLogger("sample_server")
+
+
+_MODEL = None
+
+
+def model() -> object:
+    """The NumPy model, loaded on first use (the server runs without NumPy otherwise)."""
+    global _MODEL
+    if _MODEL is None:
+        from examples.model import LinearModel
+
+        _MODEL = LinearModel()
+    return _MODEL
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -44,9 +58,15 @@ class Handler(BaseHTTPRequestHandler):
             self._stream(int(query["chunks"][0]), float(query.get("chunk_ms", ["0"])[0]))
             return
         try:
-            values = [float(v) for v in json.loads(body or b"[]")]
+            data = json.loads(body or b"[]")
+            if data and isinstance(data[0], list):  # rows of features: the model's job
+                answer = {"predictions": model().predict(data)}
+                log.info("predicted rows=%d", len(data))
+                self._reply(200, json.dumps(answer).encode())
+                return
+            values = [float(v) for v in data]
         except (ValueError, TypeError):
-            self._reply(400, b'{"error": "expected a JSON list of numbers"}')
+            self._reply(400, b'{"error": "expected a JSON list of numbers or of rows of 3"}')
             return
         result = {"mean": sum(values) / len(values) if values else 0.0,
                   "prediction": sum(v * v for v in values)}

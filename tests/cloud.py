@@ -91,6 +91,7 @@ class Faults:
     slow_s: float = 0.0           # forward, then hold the answer this long
     slow_count: int = 0           # how many requests to slow down (then normal)
     invalid_api: str | None = None  # answer this API once with InvalidParameterException
+    reject_credentials: bool = False  # answer everything 400 UnrecognizedClientException
     apis: frozenset[str] = frozenset({"PutLogEvents", "PutMetricData"})
 
 
@@ -165,6 +166,8 @@ class FaultProxy:
         verdict = "forwarded"
         if faults.status_503:
             verdict = "503"
+        elif faults.reject_credentials:
+            verdict = "auth"
         elif faults.invalid_api == api:
             faults.invalid_api = None
             verdict = "invalid"
@@ -177,8 +180,9 @@ class FaultProxy:
         cbor = "cbor" in headers.get("content-type", "")
         if verdict == "503":
             return _response(503, b"Service Unavailable", "text/plain")
-        if verdict in ("throttled", "invalid"):
-            code = "ThrottlingException" if verdict == "throttled" else "InvalidParameterException"
+        if verdict in ("throttled", "invalid", "auth"):
+            code = {"throttled": "ThrottlingException", "invalid": "InvalidParameterException",
+                    "auth": "UnrecognizedClientException"}[verdict]
             error = {"__type": f"com.amazonaws#{code}", "message": f"injected {verdict}"}
             payload = cbor2.dumps(error) if cbor else json.dumps(error).encode()
             return _response(400, payload, "application/cbor" if cbor else

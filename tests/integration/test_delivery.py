@@ -234,3 +234,18 @@ def test_shutdown_delivers_everything_within_five_seconds(tmp_path: Path, moto: 
     events = {e["event"]: dt.datetime.fromisoformat(e["timestamp"]) for e in agent_events(err)}
     flush = (events["agent_stopped"] - events["child_exited"]).total_seconds()
     assert flush < 5.0, flush
+
+
+def test_rejected_credentials_then_fixed_lose_nothing(tmp_path: Path, moto: MotoServer,
+                                                     proxy: FaultProxy) -> None:
+    """Credentials refused for 4 s (an IAM fix, a rotated role): data waits, then arrives."""
+    proxy.faults.reject_credentials = True
+    threading.Timer(4.0, setattr, args=(proxy.faults, "reject_credentials", False)).start()
+    env = cloud_env(tmp_path, proxy, TELEMETRY_INTERVAL="1")
+    code, _, err = RunningAgent(printer(5000, pause_every=1000, pause_s=1.0), env).wait()
+    assert code == 0
+    assert stored_messages(moto) == expected_lines(5000)
+    assert [s for s in proxy.seen if s.answer == "auth"]
+    failing = [e for e in agent_events(err) if e["event"] == "delivery_failing"]
+    assert failing and failing[0]["kind"] == "auth" and failing[0]["then"] == "retrying"
+    assert stopped(err)["log_events_unsent"] == 0
