@@ -479,7 +479,7 @@ async def _run_child(settings: Settings, pipeline: Pipeline, argv: Sequence[str]
     for fd, name, writer in ((out_fd, "stdout", STDOUT), (err_fd, "stderr", STDERR)):
         threading.Thread(target=relay, args=(fd, name, writer, intake), daemon=True,
                          name=f"relay-{name}").start()
-    source_task = asyncio.create_task(source.run(pipeline.logs.submit), name="child_output")
+    source_task = asyncio.create_task(source.run(pipeline.logs.submit, pipeline.logs.saturated), name="child_output")
     code = await supervisor.wait()
     try:
         async with asyncio.timeout(PIPE_DRAIN_S):

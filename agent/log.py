@@ -38,6 +38,7 @@ def configure_logging(level: str = "info", writer: StdioWriter = STDERR) -> None
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _add_name,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
@@ -47,7 +48,12 @@ def configure_logging(level: str = "info", writer: StdioWriter = STDERR) -> None
         logger_factory=structlog.PrintLoggerFactory(file=_as_textio(file)),
         cache_logger_on_first_use=False,
     )
-    structlog.contextvars.bind_contextvars(logger="telemetry-agent")
+
+
+def _add_name(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Every line says it is the agent's, from any thread (contextvars do not cross threads)."""
+    event["logger"] = "telemetry-agent"
+    return event
 
 
 def _as_textio(obj: Any) -> TextIO:

@@ -21,6 +21,7 @@ from agent.model import LogEvent
 from agent.rules.batching import (
     LOG_BATCH_MAX_BYTES,
     LOG_BATCH_MAX_EVENTS,
+    LOG_EVENT_OVERHEAD,
     log_batch_params,
     log_event_cost,
     take_log_batch,
@@ -33,6 +34,17 @@ FLUSH_AFTER_S = 5.0
 # Two batches in flight keep botocore's serializing of one overlapped with the service's
 # handling of the other; more buys nothing on two cores and risks throttling.
 PARALLEL_BATCHES = 2
+# What a queued event costs in memory beyond its message's bytes: the LogEvent tuple (72 B),
+# the str header (49 B), the timestamp int (28 B) and the deque slot (8 B). The memory bound
+# counts this, so TELEMETRY_BUFFER_MB is close to real memory even for short lines.
+EVENT_MEMORY = 160
+_API_MINUS_MEMORY = EVENT_MEMORY - LOG_EVENT_OVERHEAD
+# Room kept free for one turn of framing (2 MiB of short lines is about 5 MiB of events).
+SATURATION_HEADROOM = 8 << 20
+
+
+def _memory_cost(event: LogEvent) -> int:
+    return event.size + EVENT_MEMORY
 
 _log = get_logger("cloudwatch_logs")
 
@@ -67,7 +79,7 @@ class CloudWatchLogsSink(BatchSender[LogEvent]):
                  spool: Path | None = None, spool_max_bytes: int = 0,
                  retention_days: int | None = None, flush_after: float = FLUSH_AFTER_S,
                  batch_deadline: float = BATCH_DEADLINE_S) -> None:
-        super().__init__(Outbox("logs", max_bytes=max_bytes, cost=log_event_cost,
+        super().__init__(Outbox("logs", max_bytes=max_bytes, cost=_memory_cost,
                                 cut=take_log_batch, codec=LOG_CODEC, spool=spool,
                                 spool_max_bytes=spool_max_bytes),
                          batch_deadline=batch_deadline, parallel=PARALLEL_BATCHES)
@@ -95,13 +107,22 @@ class CloudWatchLogsSink(BatchSender[LogEvent]):
         elif self._full():
             self.wake()
 
+    def saturated(self) -> bool:
+        """Memory is nearly at its bound: producers should wait rather than push the oldest
+        out (with a spool, puts spill down to 3/4 of the bound, so this stays false)."""
+        headroom = min(SATURATION_HEADROOM, self.outbox.max_bytes // 4)
+        return self.outbox.queued_items > 0 and (
+            self.outbox.memory_bytes > self.outbox.max_bytes - headroom)
+
     @property
     def pending_events(self) -> int:
         return self.outbox.pending_items
 
     def _full(self) -> bool:
-        return (self.outbox.queued_bytes >= LOG_BATCH_MAX_BYTES
-                or self.outbox.queued_items >= LOG_BATCH_MAX_EVENTS)
+        """A whole PutLogEvents batch is queued (its bytes counted as the API counts them)."""
+        items = self.outbox.queued_items
+        api_bytes = self.outbox.queued_bytes - _API_MINUS_MEMORY * items
+        return api_bytes >= LOG_BATCH_MAX_BYTES or items >= LOG_BATCH_MAX_EVENTS
 
     def ready(self) -> bool:
         return self._full() or self.wait_hint() <= 0

@@ -34,6 +34,8 @@ from agent.stdio import StdioWriter
 READ_SIZE = 1 << 20
 PIPE_SIZE = 1 << 20
 DEFAULT_INTAKE_BYTES = 16 << 20
+SATURATED_WAIT_S = 0.005
+TAKE_LIMIT = 2 << 20  # framed per turn, so a saturated sink is noticed between turns
 Emit = Callable[[list[LogEvent]], None]
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
@@ -91,25 +93,38 @@ class Intake:
         except RuntimeError:  # loop closed during shutdown
             pass
 
-    async def take(self, timeout: float | None) -> list[Chunk]:
-        """Wait up to `timeout` seconds for chunks; return all that are queued."""
+    async def take(self, timeout: float | None, limit: int = TAKE_LIMIT) -> list[Chunk]:
+        """Wait up to `timeout` seconds for chunks; return those queued, about `limit` bytes."""
         if not self._chunks:
             try:
                 async with asyncio.timeout(timeout):
                     await self._ready.wait()
             except TimeoutError:
                 return []
-        return self.take_now()
+        return self.take_now(limit)
 
-    def take_now(self) -> list[Chunk]:
-        """Return all queued chunks without waiting."""
+    @property
+    def nearly_full(self) -> bool:
+        """Whether one more read might not fit."""
+        return self._bytes >= self._max - READ_SIZE
+
+    def take_now(self, limit: int | None = None) -> list[Chunk]:
+        """Return queued chunks without waiting: all, or about `limit` bytes of them."""
         with self._lock:
-            self._ready.clear()
-            self._signalled = False
-            chunks = list(self._chunks)
-            self._chunks.clear()
-            self._bytes = 0
-        return chunks
+            if limit is None or self._bytes <= limit:
+                self._ready.clear()
+                self._signalled = False
+                chunks = list(self._chunks)
+                self._chunks.clear()
+                self._bytes = 0
+                return chunks
+            chunks, size = [], 0
+            while self._chunks and size < limit:
+                chunk = self._chunks.popleft()
+                chunks.append(chunk)
+                size += len(chunk.data or b"")
+            self._bytes -= size
+            return chunks
 
 
 def enlarge_pipe(fd: int, size: int = PIPE_SIZE) -> int:
@@ -164,10 +179,22 @@ class ChildOutputSource:
         self.events = 0
         self.finished = asyncio.Event()
 
-    async def run(self, emit: Emit) -> None:
-        """Frame and emit until every stream reached EOF."""
+    async def run(self, emit: Emit, saturated: Callable[[], bool] = lambda: False) -> None:
+        """Frame and emit until every stream reached EOF.
+
+        While `saturated()` (the sink's memory is full) framing pauses and bytes wait in
+        the intake instead, so both bounds are used before anything is dropped, and the
+        sink's delivery gets the loop to itself meanwhile (a flood cannot starve it). The
+        child is not slowed: the reader threads keep draining its pipes into the intake,
+        until it is nearly full too; then framing resumes, the sink drops its oldest
+        (counted), and delivery still gets a turn between framing turns.
+        """
         try:
             while self._open:
+                while saturated() and not self._intake.nearly_full:
+                    await asyncio.sleep(SATURATED_WAIT_S)
+                if saturated():  # both bounds reached: frame on (the sink drops its oldest),
+                    await asyncio.sleep(0)  # but let delivery run between turns
                 chunks = await self._intake.take(self._timeout())
                 now = time.monotonic()
                 out: list[LogEvent] = []
