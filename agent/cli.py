@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from agent import __version__
 from agent.config import ConfigError, Settings, load_settings, parse_bool
 from agent.log import configure_logging, get_logger
+from agent.model import Identity
 from agent.rules import naming
 from agent.stdio import STDERR
 
@@ -56,14 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def check_config(env: Mapping[str, str]) -> int:
     """Print the effective settings and the names they give; 0 if valid, 2 if not."""
-    try:
-        settings = load_settings(env)
-    except ConfigError as exc:
-        print(f"telemetry-agent: {exc}", file=sys.stderr)
+    loaded = _load(env)
+    if loaded is None:
         return EXIT_CONFIG
-    from agent.identity import resolve_identity  # noqa: PLC0415
-
-    identity = resolve_identity(settings, env)
+    settings, identity = loaded
     report = {
         "settings": settings.describe(),
         "names": {
@@ -80,18 +77,27 @@ def check_config(env: Mapping[str, str]) -> int:
 
 def print_dashboard(env: Mapping[str, str]) -> int:
     """Print the dashboard body for this configuration; 2 on a configuration error."""
+    from agent.rules.dashboard import dashboard  # noqa: PLC0415
+
+    loaded = _load(env)
+    if loaded is None:
+        return EXIT_CONFIG
+    settings, identity = loaded
+    print(json.dumps(dashboard(identity, settings.namespace, settings.region or "us-east-1"),
+                     indent=2, ensure_ascii=False))
+    return 0
+
+
+def _load(env: Mapping[str, str]) -> tuple[Settings, Identity] | None:
+    """Settings and identity for the one-shot commands; None (reported) on a config error."""
     try:
         settings = load_settings(env)
     except ConfigError as exc:
         print(f"telemetry-agent: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return None
     from agent.identity import resolve_identity  # noqa: PLC0415
-    from agent.rules.dashboard import dashboard  # noqa: PLC0415
 
-    identity = resolve_identity(settings, env)
-    print(json.dumps(dashboard(identity, settings.namespace, settings.region or "us-east-1"),
-                     indent=2, ensure_ascii=False))
-    return 0
+    return settings, resolve_identity(settings, env)
 
 
 def run(cmd: list[str], env: Mapping[str, str]) -> int:

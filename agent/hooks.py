@@ -42,6 +42,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 _lock = threading.Lock()
 _socket: socket.socket | None = None
 _socket_pid = 0
+_socket_path = ""
 _dropped = 0
 # Inference time accumulated inside the current request (set by the middleware).
 _model_time: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
@@ -56,30 +57,48 @@ def dropped() -> int:
 def send(line: str) -> bool:
     """Send one StatsD line (or several, newline-separated) to the agent; never raises."""
     global _dropped
-    path = os.environ.get("TELEMETRY_HOOK_SOCKET")
-    if not path:
+    try:
+        _sock().send(line.encode())
+    except BlockingIOError:  # the agent's queue is full: drop this one, keep the socket
         _dropped += 1
         return False
-    try:
-        _sock().sendto(line.encode(), path)
     except (OSError, ValueError):
         _dropped += 1
+        _forget()  # the agent went away or restarted: reconnect on the next call
         return False
     return True
 
 
 def _sock() -> socket.socket:
-    global _socket, _socket_pid
-    pid = os.getpid()
+    """This process's socket, connected to the agent's (connected: no path lookup per send)."""
+    global _socket, _socket_pid, _socket_path
     sock = _socket
-    if sock is None or _socket_pid != pid:  # first use, or a forked worker
-        with _lock:
-            if _socket is None or _socket_pid != pid:
-                _socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                _socket.setblocking(False)
-                _socket_pid = pid
-            sock = _socket
-    return sock
+    path = os.environ.get("TELEMETRY_HOOK_SOCKET", "")
+    if sock is not None and _socket_pid == os.getpid() and _socket_path == path:
+        return sock
+    with _lock:  # first use, a forked worker, or a new path
+        if not path:
+            raise OSError("TELEMETRY_HOOK_SOCKET is not set")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+        except OSError:
+            sock.close()
+            raise
+        _socket, _socket_pid, _socket_path = sock, os.getpid(), path
+        return sock
+
+
+def _forget() -> None:
+    global _socket
+    with _lock:
+        if _socket is not None and _socket_pid == os.getpid():
+            try:
+                _socket.close()
+            except OSError:
+                pass
+        _socket = None
 
 
 def record(*, status: int = 200, model_s: float, container_s: float | None = None) -> bool:

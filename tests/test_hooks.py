@@ -87,3 +87,20 @@ def test_hook_socket_is_private(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o600
     assert path.parent.stat().st_mode & 0o777 == 0o700
     assert path.stat().st_uid == os.getuid()
+
+
+def test_reconnects_after_the_agent_restarts(monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
+    path = tmp_path / "agent.sock"
+    monkeypatch.setenv("TELEMETRY_HOOK_SOCKET", str(path))
+    first = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    first.bind(str(path))
+    assert hooks.record(status=200, model_s=0.001)
+    first.close()
+    path.unlink()
+    second = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    second.bind(str(path))  # a new agent on the same path
+    results = [hooks.record(status=200, model_s=0.002) for _ in range(3)]
+    assert results[-1] is True and results.count(True) >= 2
+    assert second.recv(4096).startswith(b"sagemaker.invocation:2.000|ms")
+    second.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,3 +108,22 @@ class RunningAgent:
         for t in readers:
             t.join()
         return self.proc.wait(), chunks["out"], chunks["err"]
+
+
+def start_outage(proxy: FaultProxy, *, after: float, failing_s: float,
+                 refused_s: float) -> threading.Thread:
+    """In the background: after `after` s, answer 503 for `failing_s`, then refuse
+    connections for `refused_s`, then serve again."""
+
+    def outage() -> None:
+        time.sleep(after)
+        proxy.faults.status_503 = True
+        time.sleep(failing_s)
+        proxy.listen(False)
+        proxy.faults.status_503 = False
+        time.sleep(refused_s)
+        proxy.listen(True)
+
+    thread = threading.Thread(target=outage)
+    thread.start()
+    return thread

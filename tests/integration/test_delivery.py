@@ -25,6 +25,7 @@ from tests.integration.conftest import (
     cloud_env,
     expected_lines,
     printer,
+    start_outage,
     stored_messages,
 )
 
@@ -104,17 +105,7 @@ def test_outage_of_fifteen_seconds_loses_nothing(tmp_path: Path, moto: MotoServe
     """503s, then refused connections, for 15 s while the child prints: all lines arrive."""
     env = cloud_env(tmp_path, proxy, TELEMETRY_INTERVAL="1", TELEMETRY_SAMPLE_INTERVAL="0.5")
 
-    def outage() -> None:
-        time.sleep(1.0)
-        proxy.faults.status_503 = True
-        time.sleep(7.5)
-        proxy.listen(False)
-        proxy.faults.status_503 = False
-        time.sleep(7.5)
-        proxy.listen(True)
-
-    fault = threading.Thread(target=outage)
-    fault.start()
+    fault = start_outage(proxy, after=1.0, failing_s=7.5, refused_s=7.5)
     started = time.monotonic()
     agent = RunningAgent(printer(40000, pause_every=2000, pause_s=0.8), env)
     code, _, err = agent.wait()

@@ -30,6 +30,7 @@ from tests.integration.conftest import (
     cloud_env,
     expected_lines,
     printer,
+    start_outage,
     stored_messages,
 )
 
@@ -49,17 +50,7 @@ def test_sixty_second_outage(tmp_path: Path, moto: MotoServer, proxy: FaultProxy
     """CloudWatch away for 60 s (30 s of 503s, 30 s refused) while the child keeps printing."""
     env = cloud_env(tmp_path, proxy, TELEMETRY_INTERVAL="5", TELEMETRY_SAMPLE_INTERVAL="1")
 
-    def outage() -> None:
-        time.sleep(1.0)
-        proxy.faults.status_503 = True
-        time.sleep(30)
-        proxy.listen(False)
-        proxy.faults.status_503 = False
-        time.sleep(30)
-        proxy.listen(True)
-
-    fault = threading.Thread(target=outage)
-    fault.start()
+    fault = start_outage(proxy, after=1.0, failing_s=30, refused_s=30)
     agent = RunningAgent(printer(62_000, pause_every=1000, pause_s=1.0), env)
     code, _, err = agent.wait(timeout=200)
     fault.join()
