@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -38,6 +39,19 @@ def dockerfile() -> tuple[list[str], dict[str, str], str]:
     return entry + cmd, env, user
 
 
+def wait_until_free(port: int, seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"port {port} stays taken by another process") from None
+        time.sleep(0.2)
+
+
 def test_dockerfile_runs_as_a_non_root_user() -> None:
     _, _, user = dockerfile()
     assert user not in ("root", "0")
@@ -61,6 +75,8 @@ def test_image_entrypoint_serves_and_ships_metrics_and_logs(tmp_path: Path, moto
         "TELEMETRY_CONTAINER_NAME": "model", "AWS_REGION": REGION, "AWS_ENDPOINT_URL": moto.url,
         "TELEMETRY_PROMETHEUS": f"127.0.0.1:{free_port()}", "TELEMETRY_STATSD": "off",
     })
+    upstream = int(image_env["TELEMETRY_PROXY_UPSTREAM"].rpartition(":")[2])
+    wait_until_free(upstream)  # the image's fixed model port; a lingering server would answer
     proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
@@ -104,7 +120,7 @@ def test_image_entrypoint_serves_and_ships_metrics_and_logs(tmp_path: Path, moto
 
     container = [*dims, {"Name": "ContainerName", "Value": "model"}]
     # moto matches dimensions as a subset (CloudWatch matches exactly), so query the fuller set.
-    assert total("Invocations", container) == 26
+    assert total("Invocations", container) == 26, err[-3000:]
     assert total("Invocation4XXErrors", container) == 1
     assert total("ContainerLatency", container) > 0
     series = cloudwatch.list_metrics(Namespace="SageMakerAgent", MetricName="Invocations")
@@ -114,7 +130,7 @@ def test_image_entrypoint_serves_and_ships_metrics_and_logs(tmp_path: Path, moto
     assert {m["MetricName"] for m in instance} >= {"CPUUtilization", "MemoryUtilization"}
     messages = stored_messages(moto, "/aws/sagemaker/Endpoints/demo-endpoint",
                                f"AllTraffic/{env['TELEMETRY_HOST']}/model")
-    assert sum("predicted rows=2" in m for m in messages) == 25
+    assert sum("predicted rows=2" in m for m in messages) == 25, (messages[-5:], err[-3000:])
     assert b"predicted rows=2" in err  # and the server's own output still reaches stderr
 
 
