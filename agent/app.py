@@ -295,6 +295,8 @@ def build_pipeline(settings: Settings, identity: Identity) -> Pipeline:
     file_sink = FileSink(settings.file_sink) if settings.file_sink else None
     caller = AwsCaller(send=settings.cloudwatch_enabled, file_sink=file_sink, region=settings.region,
                        timeout=settings.aws_timeout)
+    if settings.cloudwatch_enabled:
+        threading.Thread(target=caller.warm_up, name="aws-warm-up", daemon=True).start()
     group = naming.log_group(identity, settings.log_group)
     stream = naming.log_stream(identity, settings.log_stream)
     memory, spool_bytes = int(settings.buffer_mb * MIB), int(settings.spool_mb * MIB)

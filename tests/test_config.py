@@ -187,3 +187,29 @@ class TestCli:
         assert b"telemetry-agent 0.1.0" in version.stdout
         helptext = subprocess.run([*AGENT, "--help"], capture_output=True, check=True)
         assert b"check-config" in helptext.stdout
+
+
+class TestFuzz:
+    """Any value for any variable: a Settings or a ConfigError naming it, never a crash."""
+
+    @staticmethod
+    def _check(name: str, value: str) -> None:
+        from agent.errors import ConfigError as Error
+
+        env = {name: value, "AWS_CONFIG_FILE": "/nonexistent"}
+        try:
+            load_settings(env)
+        except Error as exc:
+            assert name in str(exc) or "TELEMETRY_" in str(exc)
+
+    def test_every_variable_with_arbitrary_text(self) -> None:
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        @settings(max_examples=25, deadline=None)
+        @given(st.text(max_size=40).filter(lambda v: "\x00" not in v))
+        def one(value: str) -> None:
+            for field in FIELDS:
+                self._check(field.env, value)
+
+        one()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -62,6 +63,7 @@ class AwsCaller:
         self._timeouts = (min(3.0, timeout), timeout)
         self._policy = policy
         self._clients: dict[str, Any] = {}
+        self._lock = threading.Lock()
         self._failing_since: dict[str, float] = {}
         self.stats: Counter[tuple[str, str, str]] = Counter()
 
@@ -117,15 +119,33 @@ class AwsCaller:
             _log.info("delivery_recovered", api=api, failed_s=round(time.monotonic() - since, 1),
                       retries=attempts)
 
+    def warm_up(self, services: tuple[str, ...] = ("logs", "cloudwatch")) -> None:
+        """Import boto3 and build the clients now (≈ 0.5 s), in a thread while the child starts,
+        rather than in front of the first batch. Failures are left for the first call to meet."""
+        for service in services:
+            try:
+                self._client(service)
+            except Exception:  # noqa: BLE001, S112 - reported by the first real call
+                continue
+
     def _client(self, service: str) -> Any:
+        client = self._clients.get(service)
+        if client is not None:
+            return client
+        with self._lock:
+            return self._build(service)
+
+    def _build(self, service: str) -> Any:
         client = self._clients.get(service)
         if client is None:
             import boto3  # noqa: PLC0415 - boto3 costs ~0.3 s to import; dry runs never need it
             from botocore.config import Config  # noqa: PLC0415
 
+            # Parameter validation re-checks every event of every batch (half of botocore's CPU
+            # per PutLogEvents here); the batching rules already guarantee what it checks.
             config = Config(connect_timeout=self._timeouts[0], read_timeout=self._timeouts[1],
                             retries={"total_max_attempts": 1}, max_pool_connections=4,
-                            tcp_keepalive=True)
+                            tcp_keepalive=True, parameter_validation=False)
             client = boto3.session.Session().client(service, region_name=self._region, config=config)
             self._clients[service] = client
         return client

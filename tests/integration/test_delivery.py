@@ -240,3 +240,19 @@ def test_rejected_credentials_then_fixed_lose_nothing(tmp_path: Path, moto: Moto
     failing = [e for e in agent_events(err) if e["event"] == "delivery_failing"]
     assert failing and failing[0]["kind"] == "auth" and failing[0]["then"] == "retrying"
     assert stopped(err)["log_events_unsent"] == 0
+
+
+def test_service_specific_endpoint_variables_are_honoured(tmp_path: Path, moto: MotoServer,
+                                                          proxy: FaultProxy) -> None:
+    """AWS_ENDPOINT_URL_CLOUDWATCH_LOGS and _CLOUDWATCH win over AWS_ENDPOINT_URL (boto3's rule)."""
+    from tests.cloud import free_port
+
+    env = cloud_env(tmp_path, proxy, TELEMETRY_INTERVAL="1",
+                    AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",  # nobody there
+                    AWS_ENDPOINT_URL_CLOUDWATCH_LOGS=proxy.url,
+                    AWS_ENDPOINT_URL_CLOUDWATCH=proxy.url)
+    code, _, err = RunningAgent(printer(100), env).wait()
+    assert code == 0
+    assert stored_messages(moto) == expected_lines(100)
+    assert proxy.calls("PutMetricData", "forwarded")
+    assert stopped(err)["retries"] == 0
