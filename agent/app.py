@@ -83,11 +83,15 @@ class Pipeline:
             out[f"{prefix}_unsent"] = outbox.pending_items
         out["log_events_possible_duplicates"] = self.caller.stats["possible_duplicates",
                                                                    "PutLogEvents", ""]
+        out["log_delivery_stalls"] = self.logs.stalls
+        out["log_batches_overlapped"] = self.logs.overlapped
+        out["metric_delivery_stalls"] = self.metrics.stalls
         out["retries"] = sum(v for k, v in self.caller.stats.items() if k[0] == "retries")
         if self.requests is not None:
             out["requests"] = self.requests.requests
             out.update(self.requests.stats)
         if self.proxy is not None:
+            out["proxy_requests"] = self.proxy.stats.requests
             out["proxy_upstream_errors"] = self.proxy.stats.upstream_errors
             out.update({f"proxy_refused_{k}": v for k, v in self.proxy.stats.refused.items()})
         if self.datagrams is not None:

@@ -33,11 +33,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 __all__ = ["ASGIMiddleware", "WSGIMiddleware", "dropped", "inference", "record", "send"]
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 _lock = threading.Lock()
 _socket: socket.socket | None = None

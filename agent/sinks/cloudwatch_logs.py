@@ -114,10 +114,6 @@ class CloudWatchLogsSink(BatchSender[LogEvent]):
         return self.outbox.queued_items > 0 and (
             self.outbox.memory_bytes > self.outbox.max_bytes - headroom)
 
-    @property
-    def pending_events(self) -> int:
-        return self.outbox.pending_items
-
     def _full(self) -> bool:
         """A whole PutLogEvents batch is queued (its bytes counted as the API counts them)."""
         items = self.outbox.queued_items
