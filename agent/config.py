@@ -182,9 +182,17 @@ def parse_regex(raw: str) -> re.Pattern[str]:
         raise Invalid(f"accepted: a valid regular expression ({exc})") from None
 
 
+def _expand(raw: str) -> Path:
+    """`~` and `~user` expanded; an unknown user leaves the path as written."""
+    try:
+        return Path(raw).expanduser()
+    except RuntimeError:  # "~nobody-such": Path cannot find that home directory
+        return Path(raw)
+
+
 def parse_absolute_path(raw: str) -> Path:
     """An absolute filesystem path."""
-    path = Path(raw.strip()).expanduser()
+    path = _expand(raw.strip())
     if not raw.strip() or not path.is_absolute():
         raise Invalid("accepted: an absolute path")
     return path
@@ -387,7 +395,7 @@ def resolve_region(env: Mapping[str, str]) -> str | None:
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
     if region:
         return region
-    config_file = Path(env.get("AWS_CONFIG_FILE", "~/.aws/config")).expanduser()
+    config_file = _expand(env.get("AWS_CONFIG_FILE", "~/.aws/config"))
     if not config_file.is_file():
         return None
     import botocore.session  # noqa: PLC0415 - only when a config file exists
@@ -411,7 +419,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     file_values: dict[str, str] = {}
     config_file: Path | None = None
     if env.get("TELEMETRY_CONFIG"):
-        config_file = Path(env["TELEMETRY_CONFIG"]).expanduser()
+        config_file = _expand(env["TELEMETRY_CONFIG"])
         file_values = _read_toml(config_file, problems)
 
     values: dict[str, Any] = {}
