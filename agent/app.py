@@ -91,6 +91,7 @@ class Pipeline:
             out["requests"] = self.requests.requests
             out.update(self.requests.stats)
         if self.proxy is not None:
+            out["proxy_connections"] = self.proxy.stats.connections
             out["proxy_requests"] = self.proxy.stats.requests
             out["proxy_upstream_errors"] = self.proxy.stats.upstream_errors
             out.update({f"proxy_refused_{k}": v for k, v in self.proxy.stats.refused.items()})
@@ -206,12 +207,12 @@ class RequestMetrics:
         self._instruments = instruments
         self._instances = settings.instance_count
         self._namespace = naming.invocation_namespace(settings.namespace)
-        self._dims = {m: naming.invocation_dimension_sets(identity, m) for m in INVOCATION_METRICS}
         self._interval = settings.interval
         self._tallies: dict[int, RequestTally] = {}
         units = {m: "Microseconds" if m in LATENCIES else "None" for m in INVOCATION_METRICS}
-        self._keys = {m: [MetricKey(self._namespace, m, dims, units[m]) for dims in sets]
-                      for m, sets in self._dims.items()}
+        self._keys = {m: [MetricKey(self._namespace, m, dims, units[m])
+                          for dims in naming.invocation_dimension_sets(identity, m)]
+                      for m in INVOCATION_METRICS}
         self._custom_base: Dimensions = (
             naming.variant_dimensions(identity) if identity.resource is Resource.ENDPOINT
             else (("Host", naming.host_dimension(identity)),))
@@ -255,13 +256,11 @@ class RequestMetrics:
                     self.stats["hook_requests_ignored"] += 1
                 else:
                     self.on_record(record)
-            elif sample.name in self._dims:
+            elif sample.name in self._keys:
                 latency = sample.name in LATENCIES
                 scale = 1000.0 if latency and sample.unit == "Milliseconds" else 1.0
                 value = sample.value * scale if latency else sample.value / sample.rate
-                for dims in self._dims[sample.name]:
-                    key = MetricKey(self._namespace, sample.name, dims,
-                                    "Microseconds" if latency else "None")
+                for key in self._keys[sample.name]:
                     self._aggregator.add(key, value, now, distribution=latency)
             else:
                 self._custom_metric(sample, now)

@@ -142,9 +142,6 @@ class Outbox(Generic[T]):
         """Whether anything waits to be taken (in flight does not count)."""
         return bool(self._memory or self._front or self._segments)
 
-    def __bool__(self) -> bool:
-        return self.waiting or bool(self._inflight)
-
     # -- intake ----------------------------------------------------------------------------------
 
     def put(self, items: Iterable[T]) -> None:

@@ -211,8 +211,8 @@ class RequestProxy:
                     await request.refuse(501, "upgrade")
                     break
                 except (httptools.HttpParserCallbackError, httptools.HttpParserError) as exc:
-                    too_large = isinstance(exc.__context__, _HeaderTooLarge) or isinstance(
-                        exc, httptools.HttpParserCallbackError)
+                    # Our only callback error is _HeaderTooLarge; llhttp's own errors are 400s.
+                    too_large = isinstance(exc, httptools.HttpParserCallbackError)
                     await request.refuse(431 if too_large else 400,
                                          "headers_too_large" if too_large else "malformed")
                     break
