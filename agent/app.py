@@ -36,7 +36,7 @@ from agent.sinks.cloudwatch_metrics import CloudWatchMetricsSink
 from agent.sinks.file import FileSink
 from agent.sources.child_output import ChildOutputSource, Intake, relay
 from agent.sources.gpu import GpuSampler
-from agent.sources.proxy import RequestProxy
+from agent.sources.proxy import ProxyTimeouts, RequestProxy
 from agent.sources.statsd import DatagramIntake, listen_udp, listen_unix
 from agent.sources.system import CgroupReader, SystemSampler, default_disk_path
 from agent.stdio import STDERR, STDOUT
@@ -94,6 +94,11 @@ class Pipeline:
             out["proxy_connections"] = self.proxy.stats.connections
             out["proxy_requests"] = self.proxy.stats.requests
             out["proxy_upstream_errors"] = self.proxy.stats.upstream_errors
+            out["proxy_upstream_timeouts"] = self.proxy.stats.upstream_timeouts
+            out["proxy_upstream_connections"] = self.proxy.stats.upstream_connections
+            out["proxy_client_aborts"] = self.proxy.stats.client_aborts
+            out["proxy_client_timeouts"] = self.proxy.stats.client_timeouts
+            out["proxy_retries"] = self.proxy.stats.retries
             out.update({f"proxy_refused_{k}": v for k, v in self.proxy.stats.refused.items()})
         if self.datagrams is not None:
             out["datagrams"] = self.datagrams.datagrams
@@ -412,8 +417,13 @@ async def start_listeners(pipeline: Pipeline, settings: Settings, env: Mapping[s
         upstream = settings.proxy_upstream
         registry = pipeline.registry
         page = (lambda: prometheus.page(registry)) if settings.proxy_metrics and registry else None
+        timeouts = ProxyTimeouts(
+            client_header=settings.proxy_client_header_timeout,
+            client_body=settings.proxy_client_body_timeout, send=settings.proxy_send_timeout,
+            keepalive=settings.proxy_keepalive_timeout, connect=settings.proxy_connect_timeout,
+            read=settings.proxy_timeout)
         proxy = RequestProxy((upstream.host, upstream.port), requests.on_record,
-                             timeout=settings.proxy_timeout, metrics_page=page)
+                             timeouts=timeouts, metrics_page=page)
         try:
             await proxy.start(host, port)
             pipeline.proxy = proxy

@@ -279,7 +279,17 @@ FIELDS: tuple[Field, ...] = (
     Field("proxy_listen", parse_listen, None, "request proxy front address (host:port or auto)"),
     Field("proxy_upstream", parse_address, None, "model server address behind the proxy"),
     Field("proxy_timeout", number(0.1, 3600), "60", "seconds the model server may stay silent "
+          "(between two reads of its answer) before the proxy answers 504 (nginx's proxy_read_timeout)"),
+    Field("proxy_connect_timeout", number(0.1, 3600), "5", "seconds to connect to the model server "
           "before the proxy answers 504"),
+    Field("proxy_client_header_timeout", number(0.1, 3600), "60", "seconds a client may take to send "
+          "a request head before its connection is closed (nginx's client_header_timeout)"),
+    Field("proxy_client_body_timeout", number(0.1, 3600), "60", "seconds a client may stay silent "
+          "between two reads of its request body (nginx's client_body_timeout)"),
+    Field("proxy_send_timeout", number(0.1, 3600), "60", "seconds a client may leave its answer "
+          "unread before both connections close (nginx's send_timeout)"),
+    Field("proxy_keepalive_timeout", number(0.1, 3600), "75", "seconds an idle client connection "
+          "stays open (nginx's keepalive_timeout)"),
     Field("proxy_metrics", parse_bool, "false", "serve Prometheus /metrics on the proxy's port too "
           "(off when the model server serves its own)"),
     Field("hook_socket", parse_socket_path, None, "Unix datagram socket for hooks; default a private path"),
@@ -326,6 +336,11 @@ class Settings:
     proxy_listen: Address | None
     proxy_upstream: Address | None
     proxy_timeout: float
+    proxy_connect_timeout: float
+    proxy_client_header_timeout: float
+    proxy_client_body_timeout: float
+    proxy_send_timeout: float
+    proxy_keepalive_timeout: float
     proxy_metrics: bool
     hook_socket: Path | None
     statsd: Address | None

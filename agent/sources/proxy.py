@@ -1,146 +1,82 @@
 """The request proxy: SageMaker's front door, in front of the model server, timing each request.
 
-HTTP/1.1 is parsed by `httptools` (Node's llhttp): it refuses conflicting
-Content-Length / Transfer-Encoding, duplicate Content-Lengths and unknown
-transfer codings, which are the request-smuggling vectors; the proxy adds a
-64 KiB / 100-header limit (431). Bodies stream both ways in the framing they
-came with (Content-Length or chunked), a read at a time, with back-pressure:
-a 100 MB upload is never held in memory, and a streamed response's first byte
-goes out as soon as it arrives. Upstream connections are pooled (keep-alive); a
-pooled connection the server closed meanwhile is retried once on a fresh one
-when the whole request was small enough to keep (≤ 1 MiB).
+Built like uvicorn's httptools protocol and nginx's upstream module: asyncio
+`Protocol` callbacks, `httptools` (llhttp) parsing both directions, transport
+flow control, no coroutine or timeout context per read. One `_Client` per client
+connection and one `_Upstream` per model-server connection; an `_Exchange` is one
+request and its answer, and is the only thing that ever joins the two, so an
+answer is only ever written to the connection of the request that produced it.
 
-Every request to `/invocations` becomes one `RequestRecord`: status (502 when
-the upstream cannot be reached or breaks, 504 when it does not answer in time),
-ContainerLatency from the first request byte in to the last response byte out,
-ModelLatency from the request's first byte sent upstream to the response's last
-byte received. `/ping` and other paths pass through uncounted.
+- **Requests** are checked (`agent.rules.http`) and reach the model as HTTP/1.1
+  keep-alive whatever the client spoke. Content-Length bodies stream through with
+  back-pressure; chunked bodies are de-chunked and sent with Content-Length (held
+  in memory up to 1 MiB, then in an unlinked temporary file, as nginx's request
+  buffering does). Trailers never join a head.
+- **Answers** stream in their own framing: chunked stays chunked (trailers stay
+  trailers) for HTTP/1.1 clients; HTTP/1.0 clients get no chunks (close-delimited
+  instead); a close-delimited answer is chunked for HTTP/1.1 clients so their
+  connection survives. `100` is absorbed, other `1xx` relayed, and neither ends
+  a request. An answer that comes before the whole body was sent is relayed at
+  once and its upstream connection closed.
+- **Pooling**: an upstream connection goes back to the pool only after a whole
+  final answer that allows keep-alive, with no stray byte after it. A request is
+  retried once, on a fresh connection, only when a *reused* connection failed
+  before any byte of answer (the keep-alive race), replaying the exact bytes sent
+  (kept up to 1 MiB); never after a timeout, never after answer bytes.
+- **Timeouts** as nginx's (each a setting): client header, client body between
+  reads, send between writes to a client that does not read, keep-alive idle,
+  upstream connect, upstream read between reads. One sweep timer per proxy checks
+  each connection's deadline, so a read costs one clock read, not a timer.
+- **Counting**: every request to `/invocations` (or `/models/{name}/invoke`)
+  becomes exactly one `RequestRecord`: the upstream's status, 502 when it could
+  not be reached or broke, 504 when it stayed silent, 499 when the client left
+  before any answer (nginx's "client closed request"). ContainerLatency runs from
+  the first request byte in to the last answer byte out, ModelLatency from the
+  first byte sent upstream to the last answer byte received.
 """
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http import HTTPStatus
+from typing import IO
 
 import httptools
 
 from agent.log import get_logger
 from agent.model import RequestRecord
+from agent.rules import http as rules
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 100
-READ_SIZE = 256 * 1024
-REPLAY_MAX = 1 << 20
-CLIENT_IDLE_S = 75.0  # nginx's keepalive_timeout
-POOL_IDLE_S = 30.0
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-                        b"upgrade", b"proxy-authenticate", b"proxy-authorization", b"expect"})
-_REASONS = {400: b"Bad Request", 431: b"Request Header Fields Too Large",
-            501: b"Not Implemented", 502: b"Bad Gateway", 504: b"Gateway Timeout"}
+REPLAY_MAX = 1 << 20          # bytes of a request kept to replay it once
+BODY_MEMORY = 1 << 20         # a chunked request body held in memory before spilling to disk
+BODY_MAX = 1 << 30            # a chunked request body larger than this is refused (413)
+BACKLOG_MAX = 256 * 1024      # bytes held for the upstream (pipelined, connecting) before pausing
+POOL_MAX = 64                 # idle upstream connections kept
+POOL_IDLE_S = 30.0            # an idle upstream connection older than this is closed
+LINGER_S = 5.0                # nginx's lingering_timeout: read and drop a client's leftovers
+WRITE_HIGH = 256 * 1024       # transport write buffer bounds (flow control)
+WRITE_LOW = 64 * 1024
 
 _log = get_logger("proxy")
+_now = time.perf_counter
 
 
-class _HeaderTooLarge(Exception):
-    pass
+@dataclass(frozen=True, slots=True)
+class ProxyTimeouts:
+    """Seconds, with nginx's defaults (`read` is TELEMETRY_PROXY_TIMEOUT)."""
 
-
-class _UpstreamFailed(Exception):
-    """The upstream broke; `status` is what the client gets (502 or 504)."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-
-
-@dataclass(slots=True)
-class _Head:
-    method: bytes
-    url: bytes
-    headers: list[tuple[bytes, bytes]]
-    keep_alive: bool
-    version: str
-    chunked: bool
-    expect_continue: bool
-
-
-class _RequestEvents:
-    """httptools request callbacks -> a list of events, processed after each read."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, object]] = []
-        self.parser: httptools.HttpRequestParser | None = None
-        self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._size = 0
-
-    def on_message_begin(self) -> None:
-        self._url, self._headers, self._size = b"", [], 0
-        self.events.append(("begin", None))
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        self._grow(len(url))
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-        self._grow(len(name) + len(value) + 4)
-        if len(self._headers) > MAX_HEADERS:
-            raise _HeaderTooLarge
-
-    def _grow(self, size: int) -> None:
-        self._size += size
-        if self._size > MAX_HEADER_BYTES:
-            raise _HeaderTooLarge
-
-    def on_headers_complete(self) -> None:
-        assert self.parser is not None
-        lower = [(n.lower(), v) for n, v in self._headers]
-        chunked = any(n == b"transfer-encoding" and b"chunked" in v.lower() for n, v in lower)
-        expect = any(n == b"expect" and v.lower() == b"100-continue" for n, v in lower)
-        self.events.append(("head", _Head(self.parser.get_method(), self._url, self._headers,
-                                          self.parser.should_keep_alive(),
-                                          self.parser.get_http_version(), chunked, expect)))
-
-    def on_body(self, body: bytes) -> None:
-        self.events.append(("body", bytes(body)))
-
-    def on_message_complete(self) -> None:
-        self.events.append(("end", None))
-
-
-class _ResponseEvents:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, object]] = []
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.parser: httptools.HttpResponseParser | None = None
-        self.keep_alive = False
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        # llhttp forgets this once feed_data returns after the message: read it now.
-        assert self.parser is not None
-        self.keep_alive = self.parser.should_keep_alive()
-        self.events.append(("head", None))
-
-    def on_body(self, body: bytes) -> None:
-        self.events.append(("body", bytes(body)))
-
-    def on_message_complete(self) -> None:
-        self.events.append(("end", None))
-
-
-@dataclass(slots=True)
-class _Conn:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    idle_since: float = 0.0
-    reused: bool = False
+    client_header: float = 60.0   # client_header_timeout: the whole head
+    client_body: float = 60.0     # client_body_timeout: between two reads of the body
+    send: float = 60.0            # send_timeout: a client that does not read its answer
+    keepalive: float = 75.0       # keepalive_timeout: an idle client connection
+    connect: float = 5.0          # proxy_connect_timeout
+    read: float = 60.0            # proxy_read_timeout: between two reads of the answer
 
 
 @dataclass(slots=True)
@@ -148,10 +84,20 @@ class ProxyStats:
     """Counters for self-telemetry."""
 
     requests: int = 0
-    refused: dict[str, int] = field(default_factory=lambda: {"malformed": 0, "headers_too_large": 0,
-                                                              "upgrade": 0})
+    refused: dict[str, int] = field(default_factory=lambda: {
+        "malformed": 0, "headers_too_large": 0, "host": 0, "transfer_coding": 0,
+        "body_too_large": 0})
     upstream_errors: int = 0
+    upstream_timeouts: int = 0
+    client_aborts: int = 0
+    client_timeouts: int = 0
+    retries: int = 0
     connections: int = 0
+    upstream_connections: int = 0
+
+
+class _HeaderTooLarge(Exception):
+    pass
 
 
 class RequestProxy:
@@ -160,309 +106,954 @@ class RequestProxy:
     Args:
         upstream: (host, port) of the model server.
         on_record: called with each counted request's record (must not block).
-        timeout: seconds the upstream may stay silent before a 504.
+        timeouts: nginx-like timeouts; `timeout=` alone sets the upstream read one.
         metrics_page: when given, `GET /metrics` is answered with its result here.
     """
 
     def __init__(self, upstream: tuple[str, int], on_record: Callable[[RequestRecord], None], *,
-                 timeout: float = 60.0, metrics_page: Callable[[], bytes] | None = None) -> None:
-        self._upstream = upstream
-        self._on_record = on_record
-        self._timeout = timeout
-        self._metrics_page = metrics_page
-        self._idle: list[_Conn] = []
+                 timeouts: ProxyTimeouts | None = None, timeout: float | None = None,
+                 metrics_page: Callable[[], bytes] | None = None) -> None:
+        self.upstream = upstream
+        self.on_record = on_record
+        self.timeouts = timeouts or ProxyTimeouts()
+        if timeout is not None:
+            self.timeouts = ProxyTimeouts(**{**_fields(self.timeouts), "read": timeout})
+        self.metrics_page = metrics_page
         self.stats = ProxyStats()
         self.server: asyncio.Server | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.idle: list[_Upstream] = []
+        self.clients: set[_Client] = set()
+        self.upstreams: set[_Upstream] = set()
+        self.closing = False
+        # While a read is handled, writes gather per connection and go out as one write
+        # at its end: one syscall per direction per read, not one per head and body.
+        self.corked = False
+        self.dirty: list[_Client | _Upstream] = []
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._tick = max(0.05, min(1.0, min(_fields(self.timeouts).values()) / 4))
 
     async def start(self, host: str, port: int) -> None:
         """Bind and serve (raises OSError when the address is taken)."""
-        self.server = await asyncio.start_server(self._serve, host, port, limit=READ_SIZE,
-                                                 backlog=1024)
+        self.loop = asyncio.get_running_loop()
+        self.server = await self.loop.create_server(lambda: _Client(self), host, port,
+                                                    backlog=1024)
+        self._sweeper = self.loop.call_later(self._tick, self._sweep)
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop accepting, let answers in progress finish for up to `grace` s, close the rest."""
+        self.closing = True
         if self.server is not None:
             self.server.close()
-        for conn in self._idle:
-            conn.writer.close()
-        self._idle.clear()
+        for conn in self.idle:
+            conn.transport.close()
+        self.idle.clear()
+        for client in list(self.clients):
+            if client.current is None:
+                client.transport.close()
+        deadline = time.monotonic() + grace
+        while self.clients and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for client in list(self.clients):
+            client.transport.abort()
+        for conn in list(self.upstreams):
+            conn.transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
 
-    # -- one client connection --------------------------------------------------------------
+    def uncork(self) -> None:
+        self.corked = False
+        dirty, self.dirty = self.dirty, []
+        for conn in dirty:
+            conn.flush()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.stats.connections += 1
-        state = _RequestEvents()
-        parser = httptools.HttpRequestParser(state)
-        state.parser = parser
-        request = _Request(self, writer)
-        try:
-            while True:
-                try:
-                    async with asyncio.timeout(CLIENT_IDLE_S if request.head is None else
-                                               self._timeout):
-                        data = await reader.read(READ_SIZE)
-                except TimeoutError:
-                    break
-                if not data:
-                    break
-                received = time.perf_counter()
-                try:
-                    parser.feed_data(data)
-                except httptools.HttpParserUpgrade:
-                    await request.refuse(501, "upgrade")
-                    break
-                except (httptools.HttpParserCallbackError, httptools.HttpParserError) as exc:
-                    # Our only callback error is _HeaderTooLarge; llhttp's own errors are 400s.
-                    too_large = isinstance(exc, httptools.HttpParserCallbackError)
-                    await request.refuse(431 if too_large else 400,
-                                         "headers_too_large" if too_large else "malformed")
-                    break
-                events, state.events = state.events, []
-                if not await request.handle(events, received):
-                    break
-        except ConnectionError:
-            pass
-        finally:
-            await request.abandon()
-            writer.close()
+    def _sweep(self) -> None:
+        """Expire the connections whose deadline passed (one timer for all of them)."""
+        assert self.loop is not None
+        now = self.loop.time()
+        for client in [c for c in self.clients if 0 < c.deadline <= now]:
+            client.expired()
+        for conn in [u for u in self.upstreams if 0 < u.deadline <= now]:
+            conn.expired()
+        self._sweeper = self.loop.call_later(self._tick, self._sweep)
 
     # -- upstream connections ---------------------------------------------------------------
 
-    async def acquire(self) -> _Conn:
-        now = time.monotonic()
-        while self._idle:
-            conn = self._idle.pop()
-            if now - conn.idle_since < POOL_IDLE_S and not conn.reader.at_eof():
-                conn.reused = True
-                return conn
-            conn.writer.close()
+    def acquire(self, exchange: _Exchange, *, fresh: bool = False) -> None:
+        """Give `exchange` an upstream connection: a pooled one, or a new one (connecting)."""
+        assert self.loop is not None
+        now = self.loop.time()
+        while self.idle and not fresh:
+            conn = self.idle.pop()
+            if now - conn.idle_since < POOL_IDLE_S and not conn.transport.is_closing():
+                conn.attach(exchange, reused=True)
+                return
+            conn.transport.close()
+        conn = _Upstream(self)
+        conn.attach(exchange, reused=False)
+        conn.deadline = now + self.timeouts.connect
+        conn.connecting = self.loop.create_task(self._connect(conn))
+
+    async def _connect(self, conn: _Upstream) -> None:
+        assert self.loop is not None
         try:
-            async with asyncio.timeout(min(5.0, self._timeout)):
-                reader, writer = await asyncio.open_connection(*self._upstream, limit=READ_SIZE)
-        except (OSError, TimeoutError) as exc:
-            raise _UpstreamFailed(502, f"connect: {exc!r}") from None
-        return _Conn(reader, writer)
+            await self.loop.create_connection(lambda: conn, *self.upstream)
+        except OSError as exc:
+            conn.failed(502, f"connect: {exc!r}")
+        except asyncio.CancelledError:
+            conn.failed(504, "connect timed out")
 
-    def release(self, conn: _Conn) -> None:
-        conn.idle_since = time.monotonic()
-        self._idle.append(conn)
+    def release(self, conn: _Upstream) -> None:
+        assert self.loop is not None
+        if self.closing or len(self.idle) >= POOL_MAX:
+            conn.transport.close()
+            return
+        conn.idle_since = self.loop.time()
+        conn.deadline = 0.0
+        conn.transport.resume_reading()  # paused for a slow client, maybe: watch for EOF
+        self.idle.append(conn)
 
 
-class _Request:
-    """The request in progress on one client connection (one at a time: HTTP/1.1)."""
+def _fields(timeouts: ProxyTimeouts) -> dict[str, float]:
+    return {name: getattr(timeouts, name) for name in ProxyTimeouts.__slots__}
 
-    def __init__(self, proxy: RequestProxy, client: asyncio.StreamWriter) -> None:
-        self.proxy = proxy
+
+class _Exchange:
+    """One request and its answer: the only link between a client and an upstream."""
+
+    __slots__ = ("client", "req", "counted", "began", "upstream", "pending", "pending_bytes",
+                 "replay", "replay_bytes", "retried", "request_done", "request_sent", "body",
+                 "body_bytes", "sent_at", "model_done", "status", "answered", "head_sent",
+                 "finished", "out_chunked", "keep_client", "local", "is_head",
+                 "interim_ok", "expect_continue")
+
+    def __init__(self, client: _Client, req: rules.RequestHead, began: float, *,
+                 is_head: bool, local: bool) -> None:
         self.client = client
-        self.head: _Head | None = None
-        self.began = 0.0
-        self.upstream: _Conn | None = None
-        self.failed: _UpstreamFailed | None = None
+        self.req = req
+        self.counted = rules.is_invocation(req.path)
+        self.began = began
+        self.upstream: _Upstream | None = None
+        self.pending: list[bytes] = []      # for the upstream while it connects or waits its turn
+        self.pending_bytes = 0
         self.replay: list[bytes] | None = []
+        self.replay_bytes = 0
+        self.retried = False
+        self.request_done = False           # the client sent the whole request
+        self.request_sent = False           # ... and all of it went upstream
+        self.body: _Body | None = _Body() if req.chunked else None
+        self.body_bytes = 0
         self.sent_at = 0.0
         self.model_done = 0.0
-        self.local = False
-        self._head_sent = False
+        self.status = 0                     # the final answer's status, once its head came
+        self.answered = False               # any byte of answer came from the upstream
+        self.head_sent = False              # the final head went to the client
+        self.finished = False
+        self.out_chunked = False
+        self.keep_client = client.keep_alive
+        self.local = local
+        self.is_head = is_head
+        self.interim_ok = client.version_1_1
+        self.expect_continue = req.expect_continue
 
-    async def handle(self, events: list[tuple[str, object]], received: float) -> bool:
-        """Process parsed events; False when the connection must close."""
-        for kind, value in events:
-            if kind == "begin":
-                self.began, self.failed, self.replay, self.local = received, None, [], False
-            elif kind == "head":
-                assert isinstance(value, _Head)
-                await self._start(value)
-            elif kind == "body":
-                assert isinstance(value, bytes)
-                await self._send_body(value)
-            elif kind == "end" and not await self._finish():
-                return False
-        return True
+    # -- request side ---------------------------------------------------------------------
 
-    async def _start(self, head: _Head) -> None:
-        self.head = head
-        if head.expect_continue:
-            self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if head.method == b"GET" and head.url.split(b"?")[0] == b"/metrics" and \
-                self.proxy._metrics_page is not None:
-            self.local = True
-            return
-        lines = [head.method + b" " + head.url + b" HTTP/" + head.version.encode()]
-        lines += [n + b": " + v for n, v in head.headers if n.lower() not in HOP_BY_HOP]
-        await self._upstream_write(b"\r\n".join(lines) + b"\r\n\r\n")
-
-    async def _send_body(self, body: bytes) -> None:
-        if self.local or self.head is None:
-            return
-        if self.head.chunked:
-            body = b"%x\r\n%b\r\n" % (len(body), body)
-        await self._upstream_write(body)
-
-    async def _upstream_write(self, data: bytes) -> None:
-        if self.failed is not None:
-            return
-        if self.replay is not None:
-            self.replay.append(data)
-            if sum(map(len, self.replay)) > REPLAY_MAX:
-                self.replay = None
-        try:
-            if self.upstream is None:
-                self.upstream = await self.proxy.acquire()
-                self.sent_at = time.perf_counter()
-            self.upstream.writer.write(data)
-            await self.upstream.writer.drain()
-        except _UpstreamFailed as exc:
-            self.failed = exc
-        except (ConnectionError, OSError) as exc:
-            self.failed = _UpstreamFailed(502, f"send: {exc!r}")
-
-    async def _finish(self) -> bool:
-        head = self.head
-        assert head is not None
+    def start(self) -> None:
+        """This exchange's turn on its client connection: go upstream (or answer locally)."""
+        client = self.client
+        if self.expect_continue and not self.request_done:
+            client.write(rules.CONTINUE)
         if self.local:
-            assert self.proxy._metrics_page is not None
-            page = self.proxy._metrics_page()
-            self.client.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                              b"Content-Length: %d\r\n\r\n%b" % (len(page), page))
-            await self.client.drain()
-            self.head = None
-            return head.keep_alive
-        if head.chunked and self.failed is None:
-            await self._upstream_write(b"0\r\n\r\n")
-        status, keep = await self._respond(head)
-        counted = head.url.split(b"?")[0].startswith(b"/invocations")
-        if counted:
-            done = time.perf_counter()
-            model = (self.model_done - self.sent_at) if self.model_done else done - self.began
-            self.proxy.stats.requests += 1
-            self.proxy._on_record(RequestRecord(status, (done - self.began) * 1e6,
-                                                min(model, done - self.began) * 1e6))
-        self.head = None
-        return keep and head.keep_alive
+            if self.request_done:
+                self._answer_locally()
+            return
+        if self.req.chunked:
+            if self.request_done:
+                self._send_buffered_body()
+            return
+        self._to_upstream(self.req.head)
+        for piece in self.pending:
+            self._to_upstream(piece)
+        self.pending, self.pending_bytes = [], 0
+        if self.request_done:
+            self.request_sent = True
 
-    async def _respond(self, head: _Head) -> tuple[int, bool]:
-        """Relay the upstream's answer (or an error of ours); (status, client may stay)."""
-        self.model_done, self._head_sent = 0.0, False
-        if self.failed is None:
-            try:
-                return await self._relay(head)
-            except _UpstreamFailed as exc:
-                self.failed = exc
-        self.proxy.stats.upstream_errors += 1
-        status = self.failed.status if self.failed else 502
-        if self.upstream is not None:
-            self.upstream.writer.close()
-            self.upstream = None
-        if self._head_sent:
-            return status, False  # the answer broke mid-way: all we can do is close
-        body = b"upstream " + (b"timed out" if status == 504 else b"unavailable") + b"\n"
-        self.client.write(b"HTTP/1.1 %d %b\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-                          b"Connection: close\r\n\r\n%b" % (status, _REASONS[status], len(body), body))
-        await self.client.drain()
-        if self.proxy.stats.upstream_errors in (1, 10, 100, 1000, 10000):
-            _log.warning("upstream_failed", status=status, reason=str(self.failed),
-                         failures=self.proxy.stats.upstream_errors)
-        return status, False
+    def on_body(self, data: bytes, started: bool) -> None:
+        if self.local:
+            return
+        if self.body is not None:
+            self.body_bytes += len(data)
+            if self.body_bytes > BODY_MAX:
+                raise rules.Refused(413, "body_too_large")
+            self.body.add(data)
+        elif not started:
+            self.pending.append(data)
+            self.pending_bytes += len(data)
+            self.client.backlog += len(data)
+        elif self.status:
+            return  # answered early: the rest of the body goes nowhere
+        else:
+            conn = self.upstream
+            replay = self.replay
+            if conn is None or replay is None:
+                self._to_upstream(data)
+                return
+            self.replay_bytes += len(data)
+            if self.replay_bytes > REPLAY_MAX:
+                self.replay = None
+            else:
+                replay.append(data)
+            conn.send(data)
 
-    async def _relay(self, head: _Head) -> tuple[int, bool]:
+    def on_request_done(self, started: bool) -> None:
+        self.request_done = True
+        if not started:
+            return
+        if self.local:
+            self._answer_locally()
+        elif self.req.chunked:
+            self._send_buffered_body()
+        else:
+            self.request_sent = True
+
+    def _send_buffered_body(self) -> None:
+        assert self.body is not None
+        self._to_upstream(self.req.head + rules.chunked_head_end(self.body.size))
+        self.body.send(self)
+
+    def _to_upstream(self, data: bytes) -> None:
+        """Write to the upstream, connecting first when there is none yet."""
+        if self.replay is not None:
+            self.replay_bytes += len(data)
+            if self.replay_bytes > REPLAY_MAX:
+                self.replay = None
+            else:
+                self.replay.append(data)
         conn = self.upstream
-        assert conn is not None
-        try:
-            return await self._relay_from(conn, head)
-        except _UpstreamFailed:
-            if conn.reused and not self._head_sent and self.replay is not None:
-                conn.writer.close()  # a pooled connection the server had closed: once more
-                self.upstream = None
-                for piece in self.replay:
-                    await self._upstream_write(piece)
-                if self.failed is None and self.upstream is not None:
-                    self.upstream.reused = False
-                    return await self._relay_from(self.upstream, head)
-            raise
+        if conn is None:
+            self.sent_at = _now()
+            self.client.proxy.acquire(self)
+            conn = self.upstream
+            assert conn is not None
+        conn.send(data)
 
-    async def _relay_from(self, conn: _Conn, head: _Head) -> tuple[int, bool]:
-        state = _ResponseEvents()
-        parser = httptools.HttpResponseParser(state)
-        state.parser = parser
-        chunked = until_close = False
-        while True:
+    # -- answer side ----------------------------------------------------------------------
+
+    def on_interim(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        if status != 100 and self.interim_ok and not self.client.gone:
+            self.client.write(rules.interim_head(status, reason, headers))
+
+    def on_answer_head(self, status: int, reason: bytes,
+                       headers: list[tuple[bytes, bytes]]) -> int:
+        """The final answer's head: relay it; how the upstream frames the body."""
+        self.status = status
+        client = self.client
+        answer = rules.answer_head(
+            status, reason, headers, is_head=self.is_head, client_1_1=client.version_1_1,
+            # an early answer leaves the rest of the body unread: the connection closes
+            keep=self.keep_client and self.request_done and not client.proxy.closing)
+        self.keep_client = answer.keep
+        self.out_chunked = answer.chunked
+        self.head_sent = True
+        client.write(answer.head)
+        return answer.framing
+
+    def on_answer_done(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        self.model_done = _now()
+        if self.out_chunked:
+            self.client.write(rules.trailer_section(trailers))
+        self.upstream = None
+        self.client.exchange_done(self)
+
+    def on_upstream_failed(self, status: int, reason: str) -> bool:
+        """The upstream broke or stayed silent. True when the request is being retried."""
+        conn = self.upstream
+        self.upstream = None
+        proxy = self.client.proxy
+        if (status == 502 and conn is not None and conn.reused and not self.answered
+                and not self.retried and self.replay is not None and not self.client.gone):
+            self.retried = True
+            proxy.stats.retries += 1
+            replay, self.replay = self.replay, None
+            proxy.acquire(self, fresh=True)
+            assert self.upstream is not None
+            for piece in replay:
+                self.upstream.send(piece)
+            return True
+        proxy.stats.upstream_errors += 1
+        if status == 504:
+            proxy.stats.upstream_timeouts += 1
+        if proxy.stats.upstream_errors in (1, 10, 100, 1000, 10000, 100000):
+            _log.warning("upstream_failed", status=status, reason=reason,
+                         failures=proxy.stats.upstream_errors)
+        self.model_done = _now()
+        self.status = status
+        client = self.client
+        if self.head_sent:
+            client.keep_alive = False
+            client.finish(self, abort=True)  # the answer broke mid-way: all we can do is close
+        else:
+            self.keep_client = False
+            client.write(rules.error_answer(status))
+            client.exchange_done(self)
+        return False
+
+    def _answer_locally(self) -> None:
+        page_fn = self.client.proxy.metrics_page
+        assert page_fn is not None
+        page = page_fn()
+        self.status = 200
+        self.head_sent = True
+        self.client.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                          b"Content-Length: %d\r\n%b\r\n%b"
+                          % (len(page), b"" if self.keep_client else b"Connection: close\r\n",
+                             page))
+        self.client.exchange_done(self)
+
+    def record(self, status: int) -> None:
+        """Report this request once (counted paths only)."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.body is not None:
+            self.body.close()
+        if not self.counted:
+            return
+        done = _now()
+        container = done - self.began
+        model = (self.model_done or done) - (self.sent_at or self.began)
+        proxy = self.client.proxy
+        proxy.stats.requests += 1
+        proxy.on_record(RequestRecord(status, container * 1e6, min(model, container) * 1e6))
+
+
+class _Body:
+    """A chunked request body, whole before it goes upstream: memory, then a private file."""
+
+    __slots__ = ("parts", "size", "file", "sent")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.file: IO[bytes] | None = None
+        self.sent = 0
+
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.file is None and self.size <= BODY_MEMORY:
+            self.parts.append(data)
+            return
+        if self.file is None:
+            self.file = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+            self.file.write(b"".join(self.parts))
+            self.parts = []
+        self.file.write(data)
+
+    def send(self, exchange: _Exchange) -> None:
+        """Write what is left to the upstream, pausing while its buffer is full."""
+        if self.file is None:
+            body = b"".join(self.parts)
+            self.parts = []
+            if body:
+                exchange._to_upstream(body)
+            exchange.request_sent = True
+            return
+        conn = exchange.upstream
+        self.file.seek(self.sent)
+        while self.sent < self.size:
+            if conn is not None and conn.write_paused:
+                conn.on_drain = lambda: self.send(exchange)
+                return
+            piece = self.file.read(256 * 1024)
+            self.sent += len(piece)
+            exchange._to_upstream(piece)
+            conn = exchange.upstream
+        exchange.request_sent = True
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class _Client(asyncio.Protocol):
+    """One client connection: parses requests, runs their exchanges in order."""
+
+    def __init__(self, proxy: RequestProxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = httptools.HttpRequestParser(self)
+        self.current: _Exchange | None = None      # the exchange whose answer is being sent
+        self.queue: deque[_Exchange] = deque()     # pipelined requests waiting their turn
+        self.incoming: _Exchange | None = None     # the request whose body is being parsed
+        self.keep_alive = True
+        self.version_1_1 = True
+        self.gone = False
+        self.out: list[bytes] = []
+        self.backlog = 0                          # bytes held for queued requests
+        self.deadline = 0.0
+        self.write_paused = False
+        self.read_paused = False
+        self.upstream_full = False
+        self.discarding = False                   # input is read and dropped from now on
+        self.lingering = False
+        self.refusal = 0                          # an error answer owed after the current one
+        self.in_head = False
+        self.upgrading = False
+        self.synthetic = False                    # parsing a body after an ignored Upgrade
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._began = 0.0
+
+    # -- transport callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
+        proxy = self.proxy
+        proxy.stats.connections += 1
+        proxy.clients.add(self)
+        assert proxy.loop is not None
+        self.deadline = proxy.loop.time() + proxy.timeouts.client_header
+
+    def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            self._update_deadline()
+            return
+        proxy = self.proxy
+        proxy.corked = True
+        try:
+            self._feed(data)
+            self._update_deadline()
+        finally:
+            proxy.uncork()
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._after_upgrade(data[exc.args[0]:])
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, rules.Refused):
+                self._refuse(cause.status, cause.reason)
+            elif isinstance(cause, _HeaderTooLarge):
+                self._refuse(431, "headers_too_large")
+            else:
+                raise
+        except httptools.HttpParserError:
+            self._refuse(400, "malformed")
+        else:
+            self._update_reading()
+
+    def eof_received(self) -> bool | None:
+        # nginx takes a half-closed client as gone (499): the model's work would go on
+        # for nobody. The transport closes; connection_lost counts the request.
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+        self.proxy.clients.discard(self)
+        exchange = self.current
+        self.current = None
+        if exchange is not None and not exchange.finished:
+            self.proxy.stats.client_aborts += 1
+            exchange.record(exchange.status if exchange.status else 499)
+            conn = exchange.upstream
+            exchange.upstream = None
+            if conn is not None:
+                conn.detach_and_close()
+        self._drop_queue()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        assert self.proxy.loop is not None
+        self.deadline = self.proxy.loop.time() + self.proxy.timeouts.send
+        exchange = self.current
+        if exchange is not None and exchange.upstream is not None:
+            exchange.upstream.pause()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        exchange = self.current
+        if exchange is not None and exchange.upstream is not None:
+            exchange.upstream.resume()
+        self._update_deadline()
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.synthetic:
+            return
+        self._url, self._headers, self._header_bytes = b"", [], 0
+        self._began = _now()
+        self.in_head = True
+        if self.current is None:
+            assert self.proxy.loop is not None
+            self.deadline = self.proxy.loop.time() + self.proxy.timeouts.client_header
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._header_bytes += len(url)
+        if self._header_bytes > MAX_HEADER_BYTES:
+            raise _HeaderTooLarge
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.incoming is not None:
+            return  # a trailer field: dropped, never merged into a head
+        self._headers.append((name, value))
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > MAX_HEADER_BYTES or len(self._headers) > MAX_HEADERS:
+            raise _HeaderTooLarge
+
+    def on_headers_complete(self) -> None:
+        if self.synthetic:
+            self.synthetic = False
+            return
+        self.in_head = False
+        parser = self.parser
+        version = parser.get_http_version()
+        method = parser.get_method()
+        req = rules.check_request(method, self._url, version, self._headers)
+        self.version_1_1 = version == "1.1"
+        self.keep_alive = self.keep_alive and parser.should_keep_alive()
+        self.upgrading = parser.should_upgrade()
+        local = (method == b"GET" and req.path == b"/metrics"
+                 and self.proxy.metrics_page is not None)
+        exchange = _Exchange(self, req, self._began, is_head=method == b"HEAD", local=local)
+        self.incoming = exchange
+        if self.current is None:
+            self.current = exchange
+            exchange.start()
+        else:
+            self.queue.append(exchange)
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.incoming
+        if exchange is not None:
+            exchange.on_body(body, exchange is self.current)
+
+    def on_message_complete(self) -> None:
+        exchange = self.incoming
+        if exchange is None:
+            return
+        if self.upgrading and (exchange.req.chunked or exchange.req.length > 0):
+            return  # llhttp skipped the body of an Upgrade request: _after_upgrade reads it
+        self.incoming = None
+        if not self.keep_alive:
+            self.discarding = True  # nothing after a request that closes the connection
+        exchange.on_request_done(exchange is self.current)
+
+    def _after_upgrade(self, rest: bytes) -> None:
+        """llhttp stopped at an Upgrade request. The proxy never upgrades (nginx neither,
+        unless told to): the request is served as an ordinary one, so a new parser reads
+        its body (after a stand-in head of the same framing) and whatever follows."""
+        self.upgrading = False
+        self.parser = httptools.HttpRequestParser(self)
+        exchange = self.incoming
+        if exchange is not None:
+            self.synthetic = True
+            framing = (b"Transfer-Encoding: chunked\r\n" if exchange.req.chunked
+                       else b"Content-Length: %d\r\n" % exchange.req.length)
+            self.parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n")
+        if rest and not self.discarding:
+            self._feed(rest)
+
+    # -- exchanges -------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.gone:
+            return
+        if self.proxy.corked:
+            if not self.out:
+                self.proxy.dirty.append(self)
+            self.out.append(data)
+        else:
+            self.transport.write(data)
+
+    def flush(self) -> None:
+        out = self.out
+        if out:
+            self.out = []
+            if not self.gone:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def exchange_done(self, exchange: _Exchange) -> None:
+        """The current exchange's answer went out whole: report it, start the next one."""
+        if exchange is not self.current:
+            return
+        if not exchange.request_done:
+            # Answered before the body was read: nginx's lingering close drops the rest.
+            exchange.record(exchange.status)
+            self.current = None
+            self.incoming = None
+            self._close(linger=True)
+            return
+        self.finish(exchange, abort=False)
+
+    def finish(self, exchange: _Exchange, *, abort: bool) -> None:
+        exchange.record(exchange.status)
+        self.current = None
+        if self.refusal and not abort:
+            self.write(rules.error_answer(self.refusal))
+            self._close(linger=True)
+            return
+        if abort or not exchange.keep_client:
+            self._close(linger=False)
+            return
+        if self.queue:
+            nxt = self.queue.popleft()
+            self.backlog -= nxt.pending_bytes
+            self.current = nxt
+            nxt.start()
+            self._update_reading()
+        elif self.proxy.closing:
+            self._close(linger=False)
+            return
+        self._update_deadline()
+
+    def _drop_queue(self) -> None:
+        for queued in self.queue:
+            if queued.body is not None:
+                queued.body.close()
+        self.queue.clear()
+        self.backlog = 0
+
+    def _close(self, *, linger: bool) -> None:
+        self._drop_queue()
+        self.discarding = True
+        self.flush()
+        if linger and not self.gone and self.transport.can_write_eof():
+            # Send what we have and the FIN, then read and drop the client's leftovers a
+            # while, so its unread bytes do not turn our answer into a reset.
+            self.lingering = True
+            assert self.proxy.loop is not None
+            self.deadline = self.proxy.loop.time() + LINGER_S
+            self.transport.write_eof()
+            if self.read_paused:
+                self.read_paused = False
+                self.transport.resume_reading()
+        else:
+            self.transport.close()
+
+    def _refuse(self, status: int, reason: str) -> None:
+        """Answer a request we will not forward, count why, and close."""
+        refused = self.proxy.stats.refused
+        refused[reason] = refused.get(reason, 0) + 1
+        self.keep_alive = False
+        self.discarding = True
+        if self.incoming is not None and self.incoming is not self.current:
+            self.incoming = None
+        current = self.current
+        if current is not None and current.request_done:
+            self.refusal = status  # the answer in progress goes out first
+            return
+        if current is not None:  # its own body was refused: it ends here
+            self.current = None
+            if current.upstream is not None:
+                current.upstream.detach_and_close()
+                current.upstream = None
+            current.record(status)
+        self.incoming = None
+        self.write(rules.error_answer(status))
+        self._close(linger=True)
+
+    # -- flow control and timeouts ---------------------------------------------------------
+
+    def _update_reading(self) -> None:
+        pause = self.upstream_full or self.backlog > BACKLOG_MAX
+        if pause != self.read_paused and not self.gone and not self.discarding:
+            self.read_paused = pause
+            if pause:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def _update_deadline(self) -> None:
+        if self.lingering or self.gone or self.write_paused:
+            return  # the linger or send deadline stands
+        loop = self.proxy.loop
+        assert loop is not None
+        incoming = self.incoming
+        if incoming is not None and incoming is self.current:
+            self.deadline = loop.time() + self.proxy.timeouts.client_body
+        elif self.current is not None:
+            self.deadline = 0.0  # waiting on the model: the upstream's read timeout rules
+        elif self.in_head:
+            if not self.deadline:
+                self.deadline = loop.time() + self.proxy.timeouts.client_header
+        else:
+            self.deadline = loop.time() + self.proxy.timeouts.keepalive
+
+    def expired(self) -> None:
+        """This connection's deadline passed: close it (nginx answers nothing either)."""
+        self.deadline = 0.0
+        exchange = self.current
+        self.current = None
+        if not self.lingering:
+            self.proxy.stats.client_timeouts += 1
+            if exchange is not None and not exchange.finished:
+                exchange.record(exchange.status if exchange.status else 408)
+                if exchange.upstream is not None:
+                    exchange.upstream.detach_and_close()
+                    exchange.upstream = None
+        self._drop_queue()
+        if self.write_paused:
+            self.transport.abort()
+        else:
+            self.transport.close()
+
+
+class _Upstream(asyncio.Protocol):
+    """One connection to the model server; serves one exchange at a time."""
+
+    def __init__(self, proxy: RequestProxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: _Exchange | None = None
+        self.connecting: asyncio.Task[None] | None = None
+        self.waiting: list[bytes] = []            # written before the connection was made
+        self.waiting_bytes = 0
+        self.out: list[bytes] = []
+        self.reused = False
+        self.idle_since = 0.0
+        self.deadline = 0.0
+        self.write_paused = False
+        self.on_drain: Callable[[], None] | None = None
+        self.reusable = False
+        self.stray = False
+        self.framing = rules.NO_BODY
+        self.final = False
+        self.done = False
+        self._status = 0
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._trailers: list[tuple[bytes, bytes]] = []
+
+    def attach(self, exchange: _Exchange, *, reused: bool) -> None:
+        self.exchange = exchange
+        exchange.upstream = self
+        self.reused = reused
+        self.final = self.done = self.stray = False
+        if reused:
+            assert self.proxy.loop is not None
+            self.deadline = self.proxy.loop.time() + self.proxy.timeouts.read
+            if exchange.client.write_paused:
+                self.pause()
+
+    def send(self, data: bytes) -> None:
+        if self.transport is None:
+            self.waiting.append(data)
+            self.waiting_bytes += len(data)
+            if self.waiting_bytes > BACKLOG_MAX and self.exchange is not None:
+                self.pause_writing()  # hold the client until the connection is made
+        elif self.proxy.corked:
+            if not self.out:
+                self.proxy.dirty.append(self)
+            self.out.append(data)
+        elif not self.transport.is_closing():
+            self.transport.write(data)
+
+    def flush(self) -> None:
+        out = self.out
+        if out:
+            self.out = []
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def pause(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def detach_and_close(self) -> None:
+        self.exchange = None
+        if self.connecting is not None and not self.connecting.done():
+            self.connecting.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+    def resume(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    # -- transport callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self.transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
+        self.connecting = None
+        proxy = self.proxy
+        proxy.upstreams.add(self)
+        proxy.stats.upstream_connections += 1
+        assert proxy.loop is not None
+        if self.exchange is None:
+            transport.close()
+            return
+        self.deadline = proxy.loop.time() + proxy.timeouts.read
+        if self.waiting:
+            waiting, self.waiting, self.waiting_bytes = self.waiting, [], 0
+            transport.writelines(waiting)
+            if self.write_paused and not transport.get_write_buffer_size() > WRITE_HIGH:
+                self.resume_writing()
+        if self.exchange.client.write_paused:
+            transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None or self.done:
+            self.stray = True
+            self.transport.close()  # bytes nobody asked for: this connection is not trusted
+            return
+        exchange.answered = True
+        proxy = self.proxy
+        assert proxy.loop is not None
+        self.deadline = proxy.loop.time() + proxy.timeouts.read
+        proxy.corked = True
+        try:
             try:
-                async with asyncio.timeout(self.proxy._timeout):
-                    data = await conn.reader.read(READ_SIZE)
-            except TimeoutError:
-                raise _UpstreamFailed(504, "no answer in time") from None
-            except (ConnectionError, OSError) as exc:
-                raise _UpstreamFailed(502, f"read: {exc!r}") from None
-            if not data:
-                if self._head_sent and until_close:
-                    self.model_done = time.perf_counter()
-                    self.upstream = None
-                    conn.writer.close()
-                    return parser.get_status_code(), False
-                raise _UpstreamFailed(502, "upstream closed the connection")
-            try:
-                parser.feed_data(data)
+                self.parser.feed_data(data)
             except httptools.HttpParserError as exc:
-                raise _UpstreamFailed(502, f"bad answer: {exc}") from None
-            complete = False
-            for kind, value in state.events:
-                if kind == "head":
-                    chunked, until_close = self._write_head(parser, state.headers, head)
-                    if head.method == b"HEAD":
-                        complete = True
-                elif kind == "body":
-                    assert isinstance(value, bytes)
-                    self.client.write(b"%x\r\n%b\r\n" % (len(value), value) if chunked else value)
-                elif kind == "end":
-                    if chunked:
-                        self.client.write(b"0\r\n\r\n")
-                    complete = True
-            state.events = []
-            await self.client.drain()
-            if complete:
-                self.model_done = time.perf_counter()
-                self.upstream = None
-                if state.keep_alive and head.method != b"HEAD":
-                    self.proxy.release(conn)
-                else:
-                    conn.writer.close()
-                return parser.get_status_code(), not until_close
+                if not self.done:
+                    self._fail(502, f"bad answer: {exc}")
+                    return
+                self.stray = True
+            if self.done:
+                self._complete()
+        finally:
+            proxy.uncork()
 
-    def _write_head(self, parser: httptools.HttpResponseParser,
-                    headers: list[tuple[bytes, bytes]], head: _Head) -> tuple[bool, bool]:
-        status = parser.get_status_code()
-        lower = {n.lower() for n, _ in headers}
-        chunked = any(n.lower() == b"transfer-encoding" and b"chunked" in v.lower()
-                      for n, v in headers)
-        framed = chunked or b"content-length" in lower or status in (204, 304) or status < 200
-        lines = [b"HTTP/1.1 %d %b" % (status, _reason(status))]
-        lines += [n + b": " + v for n, v in headers if n.lower() not in HOP_BY_HOP]
-        if not framed or not head.keep_alive:
-            lines.append(b"Connection: close")
-        self.client.write(b"\r\n".join(lines) + b"\r\n\r\n")
-        self._head_sent = True
-        return chunked, not framed and head.method != b"HEAD"
+    def eof_received(self) -> bool | None:
+        exchange = self.exchange
+        if exchange is not None and self.final and self.framing == rules.CLOSE_BODY \
+                and not self.done:
+            self.done = True
+            self.reusable = False
+            self._complete()
+        return False
 
-    async def refuse(self, status: int, reason: str) -> None:
-        """Answer a request we will not forward, and count why."""
-        self.proxy.stats.refused[reason] += 1
-        body = _REASONS[status] + b"\n"
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proxy.upstreams.discard(self)
         try:
-            self.client.write(b"HTTP/1.1 %d %b\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b"
-                              % (status, _REASONS[status], len(body), body))
-            await self.client.drain()
-        except ConnectionError:
+            self.proxy.idle.remove(self)
+        except ValueError:
             pass
+        if self.exchange is not None and not self.done:
+            self._fail(502, f"upstream closed the connection ({exc!r})" if exc
+                       else "upstream closed the connection")
 
-    async def abandon(self) -> None:
-        """The connection ends (the client left, or refused): drop any upstream connection.
-        A request the client abandoned is not counted: no answer was given to anyone."""
-        if self.upstream is not None:
-            self.upstream.writer.close()
-            self.upstream = None
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.client.upstream_full = True
+            exchange.client._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.client.upstream_full = False
+            exchange.client._update_reading()
+        drain, self.on_drain = self.on_drain, None
+        if drain is not None:
+            drain()
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.final:
+            self.stray = True  # a second answer to one request
+        self._headers, self._trailers, self._reason = [], [], b""
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.final:
+            self._trailers.append((name, value))
+        else:
+            self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        exchange = self.exchange
+        assert exchange is not None
+        parser = self.parser
+        status = parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise httptools.HttpParserError("101 without an upgrade")
+            exchange.on_interim(status, self._reason, self._headers)
+            return
+        if self.final:
+            return
+        self.final = True
+        self._status = status
+        self.reusable = parser.should_keep_alive()
+        self.framing = exchange.on_answer_head(status, self._reason, self._headers)
+        if exchange.is_head:
+            self.done = True
+            # llhttp does not know the request was HEAD: start afresh for the next answer.
+            self.parser = httptools.HttpResponseParser(self)
+
+    def on_body(self, body: bytes) -> None:
+        if self.done:
+            self.stray = True
+            return
+        exchange = self.exchange
+        if exchange is not None and self.final:
+            if exchange.out_chunked:
+                exchange.client.write(b"%x\r\n%b\r\n" % (len(body), body))
+            else:
+                exchange.client.write(body)
+
+    def on_message_complete(self) -> None:
+        if self.final and not self.done:
+            self.done = True
+        elif not self.final:
+            self._headers, self._reason = [], b""  # an interim answer ended
+
+    # -- completion ------------------------------------------------------------------------
+
+    def _complete(self) -> None:
+        exchange = self.exchange
+        assert exchange is not None
+        self.exchange = None
+        self.deadline = 0.0
+        reusable = (self.reusable and not self.stray and exchange.request_sent
+                    and exchange.request_done and self.framing != rules.CLOSE_BODY)
+        exchange.on_answer_done(self._trailers)
+        if reusable and not self.transport.is_closing():
+            self.proxy.release(self)
+        else:
+            self.transport.close()
+
+    def _fail(self, status: int, reason: str) -> None:
+        exchange = self.exchange
+        self.exchange = None
+        self.deadline = 0.0
+        if self.transport is not None:
+            self.transport.close()
+        if exchange is not None:
+            exchange.on_upstream_failed(status, reason)
+
+    def failed(self, status: int, reason: str) -> None:
+        """The connection could not be made."""
+        self.connecting = None
+        if self.exchange is not None:
+            self._fail(status, reason)
+
+    def expired(self) -> None:
+        """No answer byte within the read timeout (or no connection within connect's)."""
+        self.deadline = 0.0
+        if self.connecting is not None:
+            self.connecting.cancel()  # -> failed(504)
+            return
+        if self.exchange is not None:
+            self._fail(504, "no answer in time")
+        else:
+            self.transport.close()
 
 
-def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b"Unknown"
+__all__ = ["ProxyStats", "ProxyTimeouts", "RequestProxy"]

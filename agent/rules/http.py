@@ -1,0 +1,292 @@
+"""HTTP/1.1 proxy rules, as pure functions: what to forward, what to refuse, how to frame.
+
+The parsing itself is httptools' (llhttp). These are the decisions a reverse proxy
+makes around it, written after nginx's `proxy_http_version 1.1` behaviour and RFC 9110
+/ 9112, so the I/O shell in `agent.sources.proxy` only moves bytes:
+
+- A request head is checked (`check_request`) before anything reaches the model:
+  HTTP/0.9 and a missing or duplicate Host on HTTP/1.1 are 400, HTTP/2+ request
+  lines 505, any transfer coding but a lone `chunked` 501, as nginx answers them.
+- The upstream always gets HTTP/1.1 with keep-alive (`upstream_head`); hop-by-hop
+  fields and every field named in `Connection:` are stripped both ways (nginx strips
+  a fixed set only; RFC 9110 §7.6.1 asks for the named ones too).
+- Absolute-form targets become origin-form, with Host taken from the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from http import HTTPStatus
+
+# RFC 9110 §7.6.1 and the de-facto ones; `expect` is answered by the proxy itself.
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                        b"transfer-encoding", b"upgrade", b"expect", b"http2-settings"})
+# Fields a trailer section may never carry into anything (RFC 9110 §6.5.1).
+_NOT_IN_TRAILERS = HOP_BY_HOP | {b"content-length", b"host", b"content-type", b"authorization",
+                                 b"set-cookie", b"content-encoding", b"content-range"}
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """What the proxy needs to know of a request once its head is parsed.
+
+    Attributes:
+        head: the head to send upstream (ends with CRLF CRLF), without Content-Length
+            when the body is chunked (the proxy adds it once the body is whole).
+        chunked: the client sends the body chunked (the proxy de-chunks it).
+        length: Content-Length, or -1.
+        expect_continue: an HTTP/1.1 client waits for `100 Continue` before its body.
+        path: the origin-form path without the query, for counting.
+    """
+
+    head: bytes
+    chunked: bool
+    length: int
+    expect_continue: bool
+    path: bytes
+
+
+class Refused(Exception):
+    """A request the proxy answers itself, never forwarded; `reason` names the counter."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+# Field names by kind, cached by their spelling on the wire: one dict look-up per field
+# instead of a lower() and several comparisons (bounded: unusual spellings are classified
+# each time once the cache is full).
+PASS, DROP, HOST, LENGTH, CODING, CONNECTION, EXPECT = range(7)
+_SPECIAL = {b"host": HOST, b"content-length": LENGTH, b"transfer-encoding": CODING,
+            b"connection": CONNECTION, b"expect": EXPECT}
+_NEVER_NAMED = frozenset({b"close", b"keep-alive", b"host", b"content-length"})
+_KINDS: dict[bytes, int] = {}
+_KINDS_MAX = 4096
+
+
+def field_kind(name: bytes) -> int:
+    """PASS, DROP (hop-by-hop) or one of the fields the proxy reads itself."""
+    kind = _KINDS.get(name)
+    if kind is None:
+        lname = name.lower()
+        kind = _SPECIAL.get(lname, DROP if lname in HOP_BY_HOP else PASS)
+        if len(_KINDS) < _KINDS_MAX:
+            _KINDS[name] = kind
+    return kind
+
+
+def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Lower-cased field names listed in Connection headers (hop-by-hop by declaration)."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if field_kind(name) == CONNECTION:
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    # A client cannot talk the proxy out of framing or routing fields (that would let the
+    # body of one request become the next one upstream).
+    return frozenset(tokens - _NEVER_NAMED)
+
+
+def _without(parts: list[bytes], names: frozenset[bytes]) -> list[bytes]:
+    """`parts` (name, ": ", value, CRLF runs) less the fields in `names` (rare: only when
+    a Connection header names extra fields)."""
+    out: list[bytes] = []
+    for i in range(0, len(parts), 4):
+        if parts[i].lower() not in names:
+            out += parts[i:i + 4]
+    return out
+
+
+def origin_form(target: bytes) -> tuple[bytes, bytes | None]:
+    """(origin-form target, authority or None). Raises Refused for an unusable target."""
+    if target[:1] == b"/" or target == b"*":
+        return target, None
+    lowered = target[:8].lower()
+    for scheme in (b"http://", b"https://"):
+        if lowered.startswith(scheme):
+            rest = target[len(scheme):]
+            slash = rest.find(b"/")
+            query = rest.find(b"?")
+            cut = min(i for i in (slash, query, len(rest)) if i >= 0)
+            authority, path = rest[:cut], rest[cut:]
+            if not authority or b"@" in authority:
+                break
+            if not path.startswith(b"/"):
+                path = b"/" + path
+            return path, authority
+    raise Refused(400, "malformed")
+
+
+def check_request(method: bytes, target: bytes, version: str,
+                  headers: list[tuple[bytes, bytes]]) -> RequestHead:
+    """The upstream head for a parsed request, or Refused with nginx's answer."""
+    if version != "1.1" and version != "1.0":
+        raise Refused(400 if version.startswith("0.") else 505, "malformed")
+    if method == b"CONNECT":
+        raise Refused(405, "malformed")
+    path, authority = origin_form(target)
+    hosts = codings = 0
+    chunked = expect = False
+    length = -1
+    named: frozenset[bytes] = frozenset()
+    fields: list[bytes] = []
+    for name, value in headers:
+        kind = _KINDS.get(name)
+        if kind is None:
+            kind = field_kind(name)
+        if kind == PASS:
+            fields += (name, b": ", value, b"\r\n")
+        elif kind == HOST:
+            hosts += 1
+            if authority is None:
+                fields += (name, b": ", value, b"\r\n")
+        elif kind == LENGTH:
+            length = int(value)  # llhttp has checked it is one valid number
+            fields += (name, b": ", value, b"\r\n")
+        elif kind == CODING:
+            codings += 1
+            chunked = value.strip().lower() == b"chunked"
+        elif kind == EXPECT:
+            expect = value.strip().lower() == b"100-continue"
+        elif kind == CONNECTION and value not in _PLAIN_CONNECTION:
+            named = named | connection_tokens([(name, value)])
+    # In nginx's order: Host first, then the transfer coding.
+    if hosts > 1 or (hosts == 0 and authority is None and version == "1.1"):
+        raise Refused(400, "host")
+    if codings and version == "1.0":
+        raise Refused(400, "transfer_coding")
+    if codings and (codings > 1 or not chunked):
+        raise Refused(501, "transfer_coding")
+    if named:
+        fields = _without(fields, named)
+    if authority is not None:
+        fields += (b"Host: ", authority, b"\r\n")
+    if not chunked:
+        fields.append(b"\r\n")
+    query = path.find(b"?")
+    return RequestHead(b"%b %b HTTP/1.1\r\n%b" % (method, path, b"".join(fields)), chunked,
+                       length, expect and version == "1.1" and (chunked or length > 0),
+                       path if query < 0 else path[:query])
+
+
+def chunked_head_end(length: int) -> bytes:
+    """The end of an upstream head whose chunked body turned out `length` bytes long."""
+    return b"Content-Length: %d\r\n\r\n" % length
+
+
+# How an answer's body is framed (RFC 9112 §6.3).
+NO_BODY, LENGTH_BODY, CHUNKED_BODY, CLOSE_BODY = range(4)
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
+
+
+@dataclass(slots=True)
+class AnswerHead:
+    """The client's head for an upstream answer, and how its body travels.
+
+    Attributes:
+        head: the bytes for the client.
+        framing: how the upstream frames the body (*_BODY).
+        chunked: the proxy chunks the body for the client (chunked or close-delimited
+            upstream, HTTP/1.1 client).
+        keep: the client connection stays open after this answer.
+    """
+
+    head: bytes
+    framing: int
+    chunked: bool
+    keep: bool
+
+
+def answer_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], *,
+                is_head: bool, client_1_1: bool, keep: bool) -> AnswerHead:
+    """The head sent to the client for a final answer: HTTP/1.1 status line, end-to-end
+    fields only, framed for the client (RFC 9112 §6.3, §9.3).
+
+    Args:
+        is_head: the request was HEAD (no body, whatever the fields say).
+        client_1_1: the client spoke HTTP/1.1 (chunks allowed).
+        keep: the client connection may stay open (its request asked for it).
+    """
+    fields: list[bytes] = []
+    named: frozenset[bytes] = frozenset()
+    framing = CLOSE_BODY
+    for name, value in headers:
+        kind = _KINDS.get(name)
+        if kind is None:
+            kind = field_kind(name)
+        if kind == PASS or kind == HOST:
+            fields += (name, b": ", value, b"\r\n")
+        elif kind == LENGTH:
+            fields += (name, b": ", value, b"\r\n")
+            if framing == CLOSE_BODY:
+                framing = LENGTH_BODY
+        elif kind == CODING:
+            # chunked last means chunked; any other coding runs until the connection closes
+            framing = CHUNKED_BODY if value.rstrip().lower().endswith(b"chunked") else -1
+        elif kind == CONNECTION and value not in _PLAIN_CONNECTION:
+            named = named | connection_tokens([(name, value)])
+    if framing == -1:
+        framing = CLOSE_BODY
+    if is_head or status == 204 or status == 304:
+        framing = NO_BODY
+    if named:
+        fields = _without(fields, named)
+    chunked = False
+    if framing >= CHUNKED_BODY:
+        if client_1_1:
+            chunked = True
+            fields.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            keep = False  # HTTP/1.0 has no chunks: the body ends when the connection does
+    if not keep:
+        fields.append(b"Connection: close\r\n")
+    elif not client_1_1:
+        fields.append(b"Connection: keep-alive\r\n")
+    return AnswerHead(b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason or _reason(status),
+                                                      b"".join(fields)),
+                      framing, chunked, keep)
+
+
+def interim_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A 1xx answer relayed to an HTTP/1.1 client (103 Early Hints and the like)."""
+    fields: list[bytes] = []
+    for name, value in headers:
+        if field_kind(name) == PASS:
+            fields += (name, b": ", value, b"\r\n")
+    return b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason or _reason(status), b"".join(fields))
+
+
+def trailer_section(trailers: list[tuple[bytes, bytes]]) -> bytes:
+    """The last chunk with the upstream's trailer fields (those allowed in a trailer)."""
+    parts = [b"0\r\n"]
+    for name, value in trailers:
+        if name.lower() not in _NOT_IN_TRAILERS:
+            parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def error_answer(status: int, *, close: bool = True) -> bytes:
+    """A small plain-text answer of the proxy's own."""
+    reason = _reason(status)
+    body = reason + b"\n"
+    return (b"HTTP/1.1 %d %b\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%b\r\n%b"
+            % (status, reason, len(body), b"Connection: close\r\n" if close else b"", body))
+
+
+def is_invocation(path: bytes) -> bool:
+    """Requests that are counted: `/invocations` (with any suffix, as SageMaker routes it)
+    and a multi-model endpoint's `/models/{name}/invoke`."""
+    if path.startswith(b"/invocations"):
+        return True
+    return path.startswith(b"/models/") and path.endswith(b"/invoke") and path.count(b"/") == 3
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
