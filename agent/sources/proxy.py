@@ -225,7 +225,7 @@ class _Exchange:
                  "replay", "replay_bytes", "retried", "request_done", "request_sent", "body",
                  "body_bytes", "sent_at", "model_done", "status", "answered", "head_sent",
                  "finished", "out_chunked", "keep_client", "local", "is_head",
-                 "interim_ok", "expect_continue")
+                 "interim_ok", "expect_continue", "truncated")
 
     def __init__(self, client: _Client, req: rules.RequestHead, began: float, *,
                  is_head: bool, local: bool) -> None:
@@ -255,6 +255,7 @@ class _Exchange:
         self.is_head = is_head
         self.interim_ok = client.version_1_1
         self.expect_continue = req.expect_continue
+        self.truncated = False              # part of the body was never sent upstream
 
     # -- request side ---------------------------------------------------------------------
 
@@ -291,7 +292,7 @@ class _Exchange:
             self.pending_bytes += len(data)
             self.client.backlog += len(data)
         elif self.status:
-            return  # answered early: the rest of the body goes nowhere
+            self.truncated = True  # answered early: the rest of the body goes nowhere
         else:
             conn = self.upstream
             replay = self.replay
@@ -314,7 +315,7 @@ class _Exchange:
         elif self.req.chunked:
             self._send_buffered_body()
         else:
-            self.request_sent = True
+            self.request_sent = not self.truncated
 
     def _send_buffered_body(self) -> None:
         assert self.body is not None
@@ -393,8 +394,11 @@ class _Exchange:
             client.keep_alive = False
             client.finish(self, abort=True)  # the answer broke mid-way: all we can do is close
         else:
-            self.keep_client = False
-            client.write(rules.error_answer(status))
+            # nginx keeps the client's connection after its own 502/504 when it can
+            self.keep_client = keep = (self.keep_client and self.request_done
+                                       and not proxy.closing)
+            client.write(rules.error_answer(status, close=not keep,
+                                            keep_alive_1_0=not client.version_1_1))
             client.exchange_done(self)
         return False
 
@@ -521,6 +525,9 @@ class _Client(asyncio.Protocol):
         if self.discarding:
             self._update_deadline()
             return
+        if not self.in_head and self.incoming is None and _http_0_9(data):
+            self._refuse(400, "malformed")  # nginx would serve it; see _http_0_9
+            return
         proxy = self.proxy
         proxy.corked = True
         try:
@@ -543,7 +550,8 @@ class _Client(asyncio.Protocol):
             else:
                 raise
         except httptools.HttpParserError:
-            self._refuse(400, "malformed")
+            if not self.discarding:  # llhttp's complaint about bytes after a closing request
+                self._refuse(400, "malformed")
         else:
             self._update_reading()
 
@@ -803,6 +811,18 @@ class _Client(asyncio.Protocol):
             self.transport.abort()
         else:
             self.transport.close()
+
+
+def _http_0_9(data: bytes) -> bool:
+    """A request line without a version (HTTP/0.9). llhttp would wait for a blank line
+    that a 0.9 client never sends; nginx 1.22 still serves it, headerless. The proxy
+    refuses it at once: a 0.9 answer has no status, so no model's answer could be told
+    from an error."""
+    end = data.find(b"\n", 0, 8192)
+    if end < 0:
+        return False
+    line = data[:end].strip()
+    return bool(line) and b" HTTP/" not in line
 
 
 class _Upstream(asyncio.Protocol):
