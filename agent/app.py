@@ -37,7 +37,7 @@ from agent.sinks.file import FileSink
 from agent.sources.child_output import ChildOutputSource, Intake, relay
 from agent.sources.gpu import GpuSampler
 from agent.sources.proxy import ProxyTimeouts, RequestProxy
-from agent.sources.statsd import DatagramIntake, listen_udp, listen_unix
+from agent.sources.statsd import DatagramIntake, drain, listen_udp, listen_unix
 from agent.sources.system import CgroupReader, SystemSampler, default_disk_path
 from agent.stdio import STDERR, STDOUT
 from agent.supervisor import FORWARDED, Supervisor
@@ -239,6 +239,23 @@ class RequestMetrics:
         if self._instruments is not None:
             self._instruments.observe(record)
 
+    def on_records(self, records: list[RequestRecord]) -> None:
+        """Requests from a hook's compact tally (one datagram, one interval)."""
+        if self._proxy_on:
+            self.stats["hook_requests_ignored"] += len(records)
+            return
+        self.requests += len(records)
+        now = time.time()
+        start = int(now // self._interval) * self._interval
+        tally = self._tallies.get(start)
+        if tally is None:
+            tally = self._tallies[start] = RequestTally()
+        add, instruments = tally.add, self._instruments
+        for record in records:
+            add(record.status, record.model_us, record.container_us)
+            if instruments is not None:
+                instruments.observe(record)
+
     def flush(self) -> None:
         """Move the tallied requests into the aggregator (before it closes intervals)."""
         tallies, self._tallies = self._tallies, {}
@@ -354,6 +371,7 @@ async def shutdown(pipeline: Pipeline, deadline: float) -> None:
     if pipeline.proxy is not None:
         await pipeline.proxy.close()
     for transport in pipeline.listeners:
+        drain(transport)  # a hook's exit flush may still wait in the queue
         transport.close()
     if pipeline.hook_socket is not None:
         pipeline.hook_socket.unlink(missing_ok=True)
@@ -398,7 +416,7 @@ async def start_listeners(pipeline: Pipeline, settings: Settings, env: Mapping[s
     that listener stays off: the child runs regardless."""
     requests = pipeline.requests
     assert requests is not None
-    intake = pipeline.datagrams = DatagramIntake(requests.on_samples)
+    intake = pipeline.datagrams = DatagramIntake(requests.on_samples, requests.on_records)
     hook = settings.hook_socket or Path(tempfile.mkdtemp(prefix="telemetry-agent-")) / "hooks.sock"
     try:
         pipeline.listeners.append(await listen_unix(intake, hook))

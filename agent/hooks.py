@@ -3,20 +3,35 @@
     from agent import hooks
 
     @hooks.inference              # or: with hooks.inference(): ...
-    def predict(x): ...
+    def predict(x): ...           # async def works too (and stays a coroutine function)
 
     app = hooks.ASGIMiddleware(app)   # FastAPI/Starlette/any ASGI app
     app = hooks.WSGIMiddleware(app)   # Flask/any WSGI app (gunicorn workers too)
     hooks.record(status=200, model_s=0.012)
 
-Each /invocations request is sent to the agent as one StatsD datagram on the Unix
-socket named by `TELEMETRY_HOOK_SOCKET` (the agent sets it for its child):
-`sagemaker.invocation:<model ms>|ms|#status:<code>[,container_ms:<ms>]`. A hook
-never raises into the model and never blocks: the socket is non-blocking, and a
-datagram that cannot be sent (no agent, a full queue) is dropped and counted in
-`dropped()`. Imports only the standard library, so it costs nothing to import.
-Safe under threads, asyncio and forked workers: each process opens its own
-socket on first use.
+A hook call only appends the request to this process's queue (a lock-free
+`deque.append`: about what prometheus_client's `Histogram.observe` costs). A
+daemon sender thread, started on first use, tallies the queue every 100 ms (or
+as soon as 512 requests wait) into {(status, model µs, container µs): count} and
+sends it to the Unix socket named by `TELEMETRY_HOOK_SOCKET` (the agent sets it
+for its child) as StatsD-like lines, in datagrams of at most 60,000 bytes:
+
+    sagemaker.invocation:<item>[:<item>...]|ms|#status:<code>
+    item = <model ms>[/<container ms>][*<count>]        e.g. 12.5*3:13.001/15.2
+
+one item per distinct latency (1 µs resolution), `*count` when it repeats. When
+the agent's queue is full the tally is kept and retried 5 ms later, so a burst
+loses nothing; what cannot be held (no `TELEMETRY_HOOK_SOCKET`, over 250,000
+requests held while the agent is away, or arguments that are not numbers) is
+counted in `dropped()`. A process that exits flushes what it holds (atexit: it
+waits while the agent keeps reading, up to 10 s, giving up after 1 s without
+progress; the ASGI middleware also flushes on the lifespan shutdown event);
+`flush()` does it on demand.
+
+A hook never raises into the model and never blocks. Safe under threads,
+asyncio and forked workers: a forked child starts with an empty tally, its own
+socket and its own sender thread, and never sends its parent's requests. Imports
+only the standard library, so it costs nothing to import.
 
 With the middleware, ModelLatency is the time inside an `inference` block or
 decorated function during the request (the whole request when there is none),
@@ -25,22 +40,46 @@ and ContainerLatency the whole request as the application saw it.
 
 from __future__ import annotations
 
+import atexit
 import contextvars
+import errno
 import functools
 import inspect
 import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-__all__ = ["ASGIMiddleware", "WSGIMiddleware", "dropped", "inference", "record", "send"]
+__all__ = ["ASGIMiddleware", "WSGIMiddleware", "dropped", "flush", "inference", "record", "send"]
 
-_lock = threading.Lock()
+FLUSH_INTERVAL_S = 0.1  # the sender's period
+FLUSH_AT = 512  # requests waiting that wake the sender before its period is up
+RETRY_S = 0.005  # the agent's queue was full: try again this soon
+MAX_HELD = 250_000  # requests kept while the agent cannot take them; beyond: dropped
+MAX_DATAGRAM = 60_000  # bytes; Unix datagrams may be up to ~64 KiB by default
+EXIT_STALL_S = 1.0  # at exit, how long to wait for the agent to make room
+EXIT_WAIT_S = 10.0  # ... and at most in all, while it does
+SEND_BUFFER = 4 << 20  # asked of the kernel (it caps it at net.core.wmem_max)
+_HEAD = "sagemaker.invocation:"
+
+_Item = tuple[int, float, "float | None"]
+_Key = tuple[int, int, "int | None"]  # status, model µs, container µs
+
+_pending: deque[_Item] = deque()  # what hook calls append; only the sender pops
+_append = _pending.append
+_held: dict[_Key, int] = {}  # tallied, not yet handed to the agent (oldest first)
+_held_count = 0
+_started = False  # the sender thread of this process
+_state_lock = threading.Lock()  # socket and thread creation
+_flush_lock = threading.Lock()  # one flush at a time
+_count_lock = threading.Lock()
+_wake = threading.Event()
 _socket: socket.socket | None = None
-_socket_pid = 0
 _socket_path = ""
+_max_datagram = MAX_DATAGRAM
 _dropped = 0
 # Inference time accumulated inside the current request (set by the middleware).
 _model_time: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
@@ -48,81 +87,328 @@ _model_time: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar
 
 
 def dropped() -> int:
-    """Datagrams this process could not hand to the agent."""
+    """Requests (and `send` datagrams) this process could not hand to the agent."""
     return _dropped
 
 
-def send(line: str) -> bool:
-    """Send one StatsD line (or several, newline-separated) to the agent; never raises."""
-    global _dropped
+def record(*, status: int = 200, model_s: float, container_s: float | None = None) -> bool:
+    """Report one /invocations request: its status and seconds in the model (and in the
+    container, when known). Queued for the sender thread; returns False (and counts it
+    in `dropped()`) only when the arguments are not numbers."""
     try:
-        _sock().send(line.encode())
-    except BlockingIOError:  # the agent's queue is full: drop this one, keep the socket
-        _dropped += 1
+        item = (int(status), float(model_s), None if container_s is None else float(container_s))
+    except Exception:  # noqa: BLE001 - not numbers: never into the model
+        _drop(1)
         return False
-    except (OSError, ValueError):
-        _dropped += 1
+    if not _started:
+        _start()
+    _append(item)
+    if len(_pending) == FLUSH_AT:
+        _wake.set()
+    return True
+
+
+def flush(timeout: float = 0.0) -> bool:
+    """Hand everything this process holds to the agent now (the sender thread does this
+    every 100 ms by itself). With a timeout, wait up to that many seconds while the
+    agent's queue is full: blocking, so not for a request's path. True when nothing is
+    left. Never raises."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            outcome = _flush_once()
+        except Exception:  # noqa: BLE001 - never into the model
+            return False
+        if outcome == "done":
+            return True
+        if outcome == "gone" or time.monotonic() >= deadline:
+            return False
+        time.sleep(RETRY_S)
+
+
+def send(line: str) -> bool:
+    """Send one StatsD line (or several, newline-separated) to the agent at once, as
+    one datagram; never raises, never blocks (a full queue drops it: see `dropped()`)."""
+    try:
+        data = line.encode()
+        sock = _sock(os.environ.get("TELEMETRY_HOOK_SOCKET", ""))
+    except (AttributeError, UnicodeError):  # not text
+        sock = None
+    if sock is None:
+        _drop(1)
+        return False
+    try:
+        sock.send(data)
+    except BlockingIOError:  # the agent's queue is full: drop this one, keep the socket
+        _drop(1)
+        return False
+    except OSError:
+        _drop(1)
         _forget()  # the agent went away or restarted: reconnect on the next call
         return False
     return True
 
 
-def _sock() -> socket.socket:
-    """This process's socket, connected to the agent's (connected: no path lookup per send)."""
-    global _socket, _socket_pid, _socket_path
+# -- the sender ----------------------------------------------------------------------------
+
+
+def _drop(count: int) -> None:
+    global _dropped
+    with _count_lock:
+        _dropped += count
+
+
+def _start() -> None:
+    """This process's sender thread (first use, or first use after a fork)."""
+    global _started
+    with _state_lock:
+        if _started:
+            return
+        try:
+            threading.Thread(target=_run, name="agent-hooks-sender", daemon=True).start()
+        except RuntimeError:  # interpreter shutting down: atexit flushes what is queued
+            pass
+        _started = True
+
+
+def _run() -> None:
+    delay = FLUSH_INTERVAL_S
+    wake = _wake
+    while True:
+        wake.wait(delay)
+        wake.clear()
+        try:
+            outcome = _flush_once()
+        except Exception:  # noqa: BLE001 - the sender must outlive any surprise
+            outcome = "done"
+        delay = RETRY_S if outcome == "full" else FLUSH_INTERVAL_S
+
+
+def _flush_once() -> str:
+    """Tally the queue and send the tally: "done" (nothing held), "full" (the agent's
+    queue is full: retry soon) or "gone" (no agent to send to now)."""
+    with _flush_lock:
+        _tally()
+        if not _held:
+            return "done"
+        path = os.environ.get("TELEMETRY_HOOK_SOCKET", "")
+        if not path:  # no agent at all: nothing to wait for
+            _discard(_held_count)
+            return "done"
+        sock = _sock(path)
+        outcome = "gone" if sock is None else _send_held(sock)
+        if _held_count > MAX_HELD:
+            _discard(_held_count - MAX_HELD)
+        return outcome
+
+
+def _tally() -> None:
+    """Move the queued requests into the tally, rounded to whole microseconds."""
+    global _held_count
+    pop, held = _pending.popleft, _held
+    taken = bad = 0
+    for _ in range(len(_pending)):
+        status, model_s, container_s = pop()
+        try:
+            model = round(model_s * 1e6)
+            container = None if container_s is None else round(container_s * 1e6)
+        except (ValueError, OverflowError):  # nan, inf
+            bad += 1
+            continue
+        if model < 0 or (container is not None and container < 0) or not 100 <= status <= 599:
+            bad += 1
+            continue
+        key = (status, model, container)
+        held[key] = held.get(key, 0) + 1
+        taken += 1
+    _held_count += taken
+    if bad:
+        _drop(bad)
+
+
+def _discard(count: int) -> None:
+    """Drop the oldest `count` held requests (whole entries, at least `count`)."""
+    global _held_count
+    gone = 0
+    for key in list(_held):
+        if gone >= count:
+            break
+        gone += _held.pop(key)
+    _held_count -= gone
+    _drop(gone)
+
+
+def _send_held(sock: socket.socket) -> str:
+    global _held_count, _max_datagram
+    for data, keys, count in _datagrams(list(_held.items()), _max_datagram):
+        try:
+            sock.send(data)
+        except BlockingIOError:
+            return "full"
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE and _max_datagram > 2048:
+                _max_datagram //= 2  # a kernel with smaller datagrams: split finer
+                return "full"
+            _forget()
+            return "gone"
+        for key in keys:
+            del _held[key]
+        _held_count -= count
+    return "done"
+
+
+def _ms(micros: int) -> str:
+    whole, part = divmod(micros, 1000)
+    return f"{whole}.{part:03d}".rstrip("0") if part else str(whole)
+
+
+def _datagrams(entries: list[tuple[_Key, int]],
+               limit: int) -> Iterator[tuple[bytes, list[_Key], int]]:
+    """The tally as datagrams of at most `limit` bytes: (bytes, keys in it, requests)."""
+    groups: dict[int, list[tuple[_Key, int]]] = {}
+    for entry in entries:
+        groups.setdefault(entry[0][0], []).append(entry)
+    lines: list[str] = []  # finished lines of this datagram
+    size = 0  # their bytes, newlines included
+    keys: list[_Key] = []
+    count = 0
+    for status, group in groups.items():
+        tail = f"|ms|#status:{status}"
+        items: list[str] = []
+        line_size = len(_HEAD) + len(tail) - 1  # less the separator the first item won't need
+        for key, n in group:
+            item = _ms(key[1])
+            if key[2] is not None:
+                item += "/" + _ms(key[2])
+            if n > 1:
+                item += f"*{n}"
+            if size + (1 if lines else 0) + line_size + len(item) + 1 > limit and (items or lines):
+                if items:
+                    lines.append(_HEAD + ":".join(items) + tail)
+                yield "\n".join(lines).encode(), keys, count
+                lines, size, keys, count = [], 0, [], 0
+                items, line_size = [], len(_HEAD) + len(tail) - 1
+            items.append(item)
+            line_size += len(item) + 1
+            keys.append(key)
+            count += n
+        if items:
+            size += (1 if lines else 0) + line_size
+            lines.append(_HEAD + ":".join(items) + tail)
+    if lines:
+        yield "\n".join(lines).encode(), keys, count
+
+
+def _sock(path: str) -> socket.socket | None:
+    """This process's socket, connected to the agent's at `path` (None when there is none)."""
+    global _socket, _socket_path
     sock = _socket
-    path = os.environ.get("TELEMETRY_HOOK_SOCKET", "")
-    if sock is not None and _socket_pid == os.getpid() and _socket_path == path:
+    if sock is not None and _socket_path == path:
         return sock
-    with _lock:  # first use, a forked worker, or a new path
-        if not path:
-            raise OSError("TELEMETRY_HOOK_SOCKET is not set")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if not path:
+        return None
+    with _state_lock:
+        if _socket is not None and _socket_path == path:
+            return _socket
+        _close_socket()
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        except OSError:  # out of descriptors: try again next time
+            return None
         sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        except OSError:
+            pass
         try:
             sock.connect(path)
         except OSError:
             sock.close()
-            raise
-        _socket, _socket_pid, _socket_path = sock, os.getpid(), path
+            return None
+        _socket, _socket_path = sock, path
         return sock
 
 
-def _forget() -> None:
+def _close_socket() -> None:
     global _socket
-    with _lock:
-        if _socket is not None and _socket_pid == os.getpid():
-            try:
-                _socket.close()
-            except OSError:
-                pass
-        _socket = None
+    sock, _socket = _socket, None
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass
 
 
-def record(*, status: int = 200, model_s: float, container_s: float | None = None) -> bool:
-    """Report one /invocations request: its status and seconds in the model (and in the
-    container, when known). Returns whether the datagram left."""
+def _forget() -> None:
+    with _state_lock:
+        _close_socket()
+
+
+def _after_fork_in_child() -> None:
+    """A forked worker: its own (empty) tally, locks, socket and sender thread."""
+    global _held_count, _started, _state_lock, _flush_lock, _count_lock, _wake, _dropped
+    global _max_datagram
+    _pending.clear()
+    _held.clear()
+    _held_count = 0
+    _state_lock, _flush_lock, _count_lock = threading.Lock(), threading.Lock(), threading.Lock()
+    _wake = threading.Event()
+    _close_socket()
+    _started = False
+    _dropped = 0
+    _max_datagram = MAX_DATAGRAM
+
+
+def _at_exit() -> None:
+    """Send what is held before the process goes: as long as the agent keeps taking it
+    (up to EXIT_WAIT_S), giving up after EXIT_STALL_S without progress."""
+    if not (_pending or _held):
+        return
     try:
-        line = f"sagemaker.invocation:{model_s * 1000:.3f}|ms|#status:{int(status)}"
-        if container_s is not None:
-            line += f",container_ms:{container_s * 1000:.3f}"
-    except (TypeError, ValueError):
-        return False
-    return send(line)
+        started = progressed = time.monotonic()
+        least = None
+        while True:
+            outcome = _flush_once()
+            if outcome == "done":
+                return
+            now = time.monotonic()
+            if outcome == "gone" or now - started > EXIT_WAIT_S:
+                break
+            if least is None or _held_count < least:
+                least, progressed = _held_count, now
+            elif now - progressed > EXIT_STALL_S:
+                break
+            time.sleep(RETRY_S)
+        with _flush_lock:
+            _tally()
+            _discard(_held_count)  # lost with the process: at least count it
+    except Exception:  # noqa: BLE001, S110 - exiting anyway
+        pass
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_at_exit)
+
+
+# -- timing --------------------------------------------------------------------------------
 
 
 class inference:  # noqa: N801 - reads as a verb: `with hooks.inference():`
     """Time the model's work, as a context manager or a decorator (sync or async).
 
     Inside a middleware-wrapped request the time is added to that request's
-    ModelLatency; outside one, each block is reported as one invocation.
+    ModelLatency; outside one, each block is reported as one invocation. As a
+    decorator it returns a plain function (`async def` for a coroutine function, so
+    `inspect.iscoroutinefunction` still holds).
     """
 
-    def __init__(self, func: Callable[..., Any] | None = None) -> None:
-        self._func = func
-        self._started: list[float] = []
+    def __new__(cls, func: Callable[..., Any] | None = None) -> Any:
         if func is not None:
-            functools.update_wrapper(self, func)
+            return _timed(func)
+        return super().__new__(cls)
+
+    def __init__(self, func: Callable[..., Any] | None = None) -> None:
+        self._started: list[float] = []
 
     def __enter__(self) -> inference:
         self._started.append(time.perf_counter())
@@ -131,12 +417,27 @@ class inference:  # noqa: N801 - reads as a verb: `with hooks.inference():`
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         _finish(time.perf_counter() - self._started.pop(), 500 if exc_type else 200)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        func = self._func
-        if func is None:  # used as @inference() with parentheses
-            return inference(args[0])
-        if inspect.iscoroutinefunction(func):
-            return _timed_async(func, args, kwargs)
+    def __call__(self, func: Callable[..., Any]) -> Any:
+        """`@hooks.inference()`, with parentheses."""
+        return _timed(func)
+
+
+def _timed(func: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.iscoroutinefunction(func):
+        @functools.wraps(func)
+        async def timed_async(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            status = 500
+            try:
+                result = await func(*args, **kwargs)
+                status = 200
+                return result
+            finally:
+                _finish(time.perf_counter() - started, status)
+        return timed_async
+
+    @functools.wraps(func)
+    def timed(*args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
         status = 500
         try:
@@ -145,21 +446,7 @@ class inference:  # noqa: N801 - reads as a verb: `with hooks.inference():`
             return result
         finally:
             _finish(time.perf_counter() - started, status)
-
-    def __get__(self, obj: object, owner: type | None = None) -> Any:
-        return self if obj is None else functools.partial(self.__call__, obj)
-
-
-async def _timed_async(func: Callable[..., Any], args: tuple[Any, ...],
-                       kwargs: dict[str, Any]) -> Any:
-    started = time.perf_counter()
-    status = 500
-    try:
-        result = await func(*args, **kwargs)
-        status = 200
-        return result
-    finally:
-        _finish(time.perf_counter() - started, status)
+    return timed
 
 
 def _finish(seconds: float, status: int) -> None:
@@ -170,19 +457,27 @@ def _finish(seconds: float, status: int) -> None:
         record(status=status, model_s=seconds)
 
 
+# -- middleware ----------------------------------------------------------------------------
+
+
 def _is_invocation(path: str) -> bool:
     return path.startswith("/invocations")
 
 
 class ASGIMiddleware:
-    """Reports every HTTP request to /invocations of an ASGI app."""
+    """Reports every HTTP request to /invocations of an ASGI app; flushes on the lifespan
+    shutdown event."""
 
     def __init__(self, app: Callable[..., Any]) -> None:
         self.app = app
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any],
                        send_: Callable[..., Any]) -> None:
-        if scope.get("type") != "http" or not _is_invocation(scope.get("path", "")):
+        kind = scope.get("type")
+        if kind == "lifespan":
+            await self._lifespan(scope, receive, send_)
+            return
+        if kind != "http" or not _is_invocation(scope.get("path", "")):
             await self.app(scope, receive, send_)
             return
         started = time.perf_counter()
@@ -201,6 +496,19 @@ class ASGIMiddleware:
             _model_time.reset(token)
             total = time.perf_counter() - started
             record(status=status[0], model_s=spent[0] or total, container_s=total)
+
+    async def _lifespan(self, scope: dict[str, Any], receive: Callable[..., Any],
+                        send_: Callable[..., Any]) -> None:
+        async def watch() -> Any:
+            message = await receive()
+            if isinstance(message, dict) and message.get("type") == "lifespan.shutdown":
+                flush()  # the server has finished its requests
+            return message
+
+        try:
+            await self.app(scope, watch, send_)
+        finally:
+            flush()
 
 
 class WSGIMiddleware:

@@ -1,8 +1,10 @@
 """Hook cost in the model's process and StatsD intake by the agent, in one run.
 
-DESIGN §9: a hook call ≤ 5 µs median and never blocking (peer: prometheus_client
-`Histogram.observe` in the same process); intake ≥ 100,000 datagrams/s, none lost
-at 20,000/s.
+Targets: a hook call's median ≤ 1.5× prometheus_client `Histogram.observe` measured
+in the same process and run, never blocking; a burst of 300,000 hook calls/s from 4
+threads for 2 s loses no request on its way to the real agent (the hooks tally in
+process and send a compact datagram per ~100 ms); StatsD intake ≥ 100,000
+datagrams/s, none lost at 20,000/s.
 Run: python -m bench.hooks
 """
 
@@ -14,6 +16,7 @@ import signal
 import socket
 import statistics
 import subprocess
+import threading
 import time
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -68,6 +71,38 @@ def send_paced(port: int, rate: float, seconds: float) -> int:
             time.sleep(0.001)
 
 
+def hook_burst(rate: float, seconds: float, threads: int) -> tuple[int, float]:
+    """`threads` threads calling `hooks.record` at `rate` calls/s in all, middleware-like
+    records with distinct latencies (1 µs apart); (calls made, seconds taken)."""
+    made = [0] * threads
+    each = rate / threads
+    record = hooks.record
+
+    def one(index: int) -> None:
+        sent = 0
+        started = time.perf_counter()
+        while True:
+            elapsed = time.perf_counter() - started
+            if elapsed >= seconds:
+                break
+            due = int(elapsed * each)
+            while sent < due:
+                model = 0.010 + ((sent * 7919 + index) % 40_000) * 1e-6
+                record(status=200 if sent % 50 else 503, model_s=model,
+                       container_s=model + 0.0004)
+                sent += 1
+            time.sleep(0.001)
+        made[index] = sent
+
+    workers = [threading.Thread(target=one, args=(i,)) for i in range(threads)]
+    started = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return sum(made), time.perf_counter() - started
+
+
 def main() -> None:
     tmp = tmpdir()
     # 1. Hook cost, against the real agent reading the socket.
@@ -78,9 +113,22 @@ def main() -> None:
     hook = per_call(lambda: hooks.record(status=200, model_s=0.0125))
     histogram = Histogram("bench_latency_seconds", "bench", registry=CollectorRegistry())
     observe = per_call(lambda: histogram.observe(0.0125))
+    hook_calls = 20000  # per_call's calls
+    hooks.flush(5.0)
     hook_stats = stop_agent(agent)
 
-    # 2. StatsD intake: flat out for 3 s, then paced at 20,000/s for 5 s.
+    # 2. A burst: 300,000 hook calls/s from 4 threads for 2 s, to a fresh agent.
+    burst_sock = str(tmp / "hooks-burst.sock")
+    agent = start_agent(tmp, port, burst_sock)
+    os.environ["TELEMETRY_HOOK_SOCKET"] = burst_sock
+    dropped_before = hooks.dropped()
+    burst_calls, burst_s = hook_burst(300_000, 2.0, 4)
+    hooks.flush(10.0)
+    time.sleep(0.5)
+    burst = stop_agent(agent)
+    burst_dropped = hooks.dropped() - dropped_before
+
+    # 3. StatsD intake: flat out for 3 s, then paced at 20,000/s for 5 s.
     agent = start_agent(tmp, port, str(tmp / "hooks2.sock"))
     started = time.perf_counter()
     flat_sent = send_paced(port, 0, 3.0)
@@ -92,11 +140,16 @@ def main() -> None:
     time.sleep(1.0)
     paced = stop_agent(agent)
 
-    print(f"hook datagrams received by the agent: {hook_stats['datagrams']}; "
-          f"dropped by the hook: {hooks.dropped()}")
+    print(f"hook calls (cost): {hook_calls}, requests counted by the agent: "
+          f"{hook_stats['requests']} in {hook_stats['datagrams']} datagrams; "
+          f"burst: {burst_calls} calls in {burst_s:.2f} s, {burst['requests']} counted by the "
+          f"agent in {burst['datagrams']} datagrams, {burst_dropped} dropped by the hooks")
     print(table([
-        ("hook call (hooks.record), median", f"{hook * 1e6:.2f} µs", "≤ 5 µs",
-         f"Histogram.observe {observe * 1e6:.2f} µs", f"{hook / observe:.1f}×"),
+        ("hook call (hooks.record), median", f"{hook * 1e6:.2f} µs", "≤ 1.5× observe",
+         f"Histogram.observe {observe * 1e6:.2f} µs", f"{hook / observe:.2f}×"),
+        ("hook burst, 4 threads: requests lost", f"{burst_calls - burst['requests']}", "0",
+         f"sent {burst_calls} ({burst_calls / burst_s:,.0f}/s)",
+         f"{burst['requests'] / max(1, burst_calls):.2%} received"),
         ("StatsD intake, one sender flat out", f"{flat['datagrams'] / flat_s:,.0f}/s",
          "≥ 100,000/s", f"sent {flat_sent / flat_s:,.0f}/s",
          f"{flat['datagrams'] / flat_sent:.1%} received"),

@@ -9,6 +9,16 @@ The hooks speak the same language. `sagemaker.invocation:<model ms>|ms|#status:<
 (optionally `container_ms:<ms>`) is one whole /invocations request; the
 SageMaker names (`ModelLatency`, `Invocations`, ...) in milliseconds or counts
 map onto the invocation metrics; every other name is a custom metric.
+
+The hooks send their per-process tally in a compact form of that line, several
+values like DogStatsD's `name:v1:v2|ms`, each value one or more requests:
+
+    sagemaker.invocation:<item>[:<item>...]|ms|#status:<code>
+    item = <model ms>[/<container ms>][*<count>]        e.g. 12.5*3:13.001/15.2
+
+`parse_invocations` turns such a line back into one `RequestRecord` per request
+(`split_datagram` routes it), so counts and latency distributions stay exact. A
+line with any bad item is malformed as a whole.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from typing import NamedTuple
 from agent.model import RequestRecord
 
 INVOCATION = "sagemaker.invocation"
+MAX_RECORDS = 1_000_000  # requests one compact line may stand for
 MAX_NAME = 255
 MAX_TAGS = 10  # CloudWatch allows 30 dimensions; keep custom metrics far below
 _TYPES = {"c": ("c", "Count"), "g": ("g", "None"), "ms": ("d", "Milliseconds"),
@@ -51,6 +62,107 @@ def parse_datagram(data: bytes) -> tuple[list[Sample], int]:
         else:
             samples.append(sample)
     return samples, bad
+
+
+def split_datagram(data: bytes) -> tuple[list[Sample], list[RequestRecord], int]:
+    """(samples, requests, malformed line count) for one datagram: compact hook lines
+    (several values, `/` or `*`) become request records, every other line a sample."""
+    samples: list[Sample] = []
+    records: list[RequestRecord] = []
+    bad = 0
+    for raw in data.split(b"\n"):
+        if not raw:
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            bad += 1
+            continue
+        if _is_compact(line):
+            parsed = parse_invocations(line)
+            if parsed is None:
+                bad += 1
+            else:
+                records += parsed
+            continue
+        sample = parse_line(line)
+        if sample is None:
+            bad += 1
+        else:
+            samples.append(sample)
+    return samples, records, bad
+
+
+def _is_compact(line: str) -> bool:
+    line = line.lstrip()
+    if not line.startswith(INVOCATION + ":"):
+        return False
+    value = line[len(INVOCATION) + 1:].partition("|")[0]
+    return ":" in value or "/" in value or "*" in value
+
+
+def parse_invocations(line: str) -> list[RequestRecord] | None:
+    """A compact hook line as one record per request, or None when it is malformed."""
+    name, _, rest = line.strip().partition(":")
+    if name != INVOCATION:
+        return None
+    values, _, meta = rest.partition("|")
+    parts = meta.split("|")
+    if parts[0] != "ms":
+        return None
+    tags: dict[str, str] = {}
+    for part in parts[1:]:
+        if not part.startswith("#"):  # a sampled (@rate) tally could not be exact
+            return None
+        parsed = _tags(part[1:])
+        if parsed is None:
+            return None
+        tags.update(parsed)
+    try:
+        status = int(tags.get("status", "200"))
+        default_container = float(tags["container_ms"]) if "container_ms" in tags else None
+    except ValueError:
+        return None
+    if not 100 <= status <= 599:
+        return None
+    default_us = None if default_container is None else default_container * 1000.0
+    if default_us is not None and not 0.0 <= default_us < math.inf:
+        return None
+    make = tuple.__new__  # RequestRecord(...) costs twice as much: this runs per request
+    records: list[RequestRecord] = []
+    append = records.append
+    for item in values.split(":"):
+        count = 1
+        if "*" in item:
+            item, _, times = item.partition("*")
+            try:
+                count = int(times)
+            except ValueError:
+                return None
+            if count < 1 or len(records) + count > MAX_RECORDS:
+                return None
+        try:
+            if "/" in item:
+                model_text, _, container_text = item.partition("/")
+                model = float(model_text) * 1000.0
+                container = float(container_text) * 1000.0
+                if not 0.0 <= container < math.inf:
+                    return None
+            else:
+                model = float(item) * 1000.0
+                container = default_us
+        except ValueError:
+            return None
+        if not 0.0 <= model < math.inf:
+            return None
+        one = make(RequestRecord, (status, container, model))
+        if count == 1:
+            append(one)
+        else:
+            records += [one] * count
+    if len(records) > MAX_RECORDS:
+        return None
+    return records
 
 
 def parse_line(line: str) -> Sample | None:

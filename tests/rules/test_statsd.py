@@ -37,3 +37,46 @@ def test_never_raises_on_any_bytes(data: bytes) -> None:
 @given(st.text(max_size=300))
 def test_never_raises_on_any_text(text: str) -> None:
     parse_line(text)
+
+
+# -- the hooks' compact tally lines ----------------------------------------------------------
+
+from agent.model import RequestRecord  # noqa: E402
+from agent.rules.statsd import MAX_RECORDS, parse_invocations, split_datagram  # noqa: E402
+
+
+def test_compact_invocation_lines_expand_to_one_record_per_request() -> None:
+    records = parse_invocations("sagemaker.invocation:12.5*3:13.001/15.2:0|ms|#status:503")
+    assert records == [RequestRecord(503, None, 12_500.0)] * 3 + [
+        RequestRecord(503, 15_200.0, 13_001.0), RequestRecord(503, None, 0.0)]
+    # status defaults to 200; a container_ms tag applies to the items without their own
+    assert parse_invocations("sagemaker.invocation:1:2/3|ms|#container_ms:9") == [
+        RequestRecord(200, 9000.0, 1000.0), RequestRecord(200, 3000.0, 2000.0)]
+
+
+def test_compact_invocation_lines_malformed_as_a_whole() -> None:
+    for line in ("sagemaker.invocation:1:x|ms", "sagemaker.invocation:1*0|ms",
+                 "sagemaker.invocation:1*-2|ms", "sagemaker.invocation:1*2.5|ms",
+                 "sagemaker.invocation:-1:2|ms", "sagemaker.invocation:1/-2:2|ms",
+                 "sagemaker.invocation:nan:1|ms", "sagemaker.invocation:1:inf|ms",
+                 "sagemaker.invocation:1:2|c", "sagemaker.invocation:1:2|ms|@0.5",
+                 "sagemaker.invocation:1:2|ms|#status:999", "sagemaker.invocation:1:2|ms|#status:x",
+                 "sagemaker.invocation:1:|ms", "sagemaker.invocation:1/|ms",
+                 f"sagemaker.invocation:1*{MAX_RECORDS}:2|ms", "other:1:2|ms"):
+        assert parse_invocations(line) is None, line
+
+
+def test_split_datagram_routes_compact_lines_to_records() -> None:
+    samples, records, bad = split_datagram(
+        b"sagemaker.invocation:5*2:6/7|ms|#status:404\n"
+        b"sagemaker.invocation:8|ms|#status:200\n"  # the classic one-request form: a sample
+        b"queue_depth:5|g\nsagemaker.invocation:1:zz|ms\n\xff\n")
+    assert records == [RequestRecord(404, None, 5000.0)] * 2 + [RequestRecord(404, 7000.0, 6000.0)]
+    assert [s.name for s in samples] == ["sagemaker.invocation", "queue_depth"]
+    assert bad == 2
+
+
+@given(st.text(max_size=300))
+def test_compact_parser_never_raises(text: str) -> None:
+    parse_invocations("sagemaker.invocation:" + text)
+    split_datagram(("sagemaker.invocation:" + text).encode("utf-8", "surrogatepass"))
