@@ -52,7 +52,9 @@ class Agent:
             except OSError:
                 pass
             time.sleep(0.1)
-        raise AssertionError("the server did not come up behind the proxy")
+        self.proc.kill()  # never leave an agent behind to hold its ports
+        _, err = self.proc.communicate(timeout=30)
+        raise AssertionError(f"the server did not come up behind the proxy: {err[-2000:]!r}")
 
     def get(self, path: str, method: str = "GET", body: bytes | None = None,
             headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
