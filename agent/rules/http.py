@@ -269,14 +269,15 @@ def trailer_section(trailers: list[tuple[bytes, bytes]]) -> bytes:
     return b"".join(parts)
 
 
-def error_answer(status: int, *, close: bool = True, keep_alive_1_0: bool = False) -> bytes:
-    """A small plain-text answer of the proxy's own."""
+def error_answer(status: int, *, close: bool = True, keep_alive_1_0: bool = False,
+                 is_head: bool = False) -> bytes:
+    """A small plain-text answer of the proxy's own (its head alone for a HEAD request)."""
     reason = _reason(status)
     body = reason + b"\n"
     connection = (b"Connection: close\r\n" if close else
                   b"Connection: keep-alive\r\n" if keep_alive_1_0 else b"")
     return (b"HTTP/1.1 %d %b\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%b\r\n%b"
-            % (status, reason, len(body), connection, body))
+            % (status, reason, len(body), connection, b"" if is_head else body))
 
 
 def is_invocation(path: bytes) -> bool:

@@ -397,7 +397,7 @@ class _Exchange:
             # nginx keeps the client's connection after its own 502/504 when it can
             self.keep_client = keep = (self.keep_client and self.request_done
                                        and not proxy.closing)
-            client.write(rules.error_answer(status, close=not keep,
+            client.write(rules.error_answer(status, close=not keep, is_head=self.is_head,
                                             keep_alive_1_0=not client.version_1_1))
             client.exchange_done(self)
         return False

@@ -98,6 +98,13 @@ def test_answer_head_strips_fields_named_in_connection() -> None:
     assert answer.head == b"HTTP/1.1 200 Fine\r\nContent-Length: 0\r\n\r\n"
 
 
+def test_error_answer_to_head_has_no_body() -> None:
+    """A body after a HEAD answer would be read as the start of the next answer."""
+    head = http.error_answer(504, close=False, is_head=True)
+    assert head.endswith(b"Content-Length: 16\r\n\r\n")
+    assert http.error_answer(504).endswith(b"\r\n\r\nGateway Timeout\n")
+
+
 def test_trailers_never_carry_framing_or_routing_fields() -> None:
     section = http.trailer_section([(b"Host", b"evil"), (b"Content-Length", b"9"),
                                     (b"X-Checksum", b"abc")])
