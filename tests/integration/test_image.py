@@ -80,14 +80,18 @@ def test_image_entrypoint_serves_and_ships_metrics_and_logs(tmp_path: Path, moto
     proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:
-        for _ in range(150):
+        # Ready when /ping answers 200 (until the model server is up the proxy answers 502).
+        deadline = time.monotonic() + 60
+        while True:
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
                 conn.request("GET", "/ping")
                 if conn.getresponse().status == 200:
                     break
             except OSError:
-                time.sleep(0.1)
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "/ping never answered 200"
+            time.sleep(0.1)
         predictions = []
         for i in range(25):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)

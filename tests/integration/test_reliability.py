@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -44,6 +45,14 @@ def report(row: str, figure: str) -> None:
 
 def stopped(stderr: bytes) -> dict[str, object]:
     return next(e for e in agent_events(stderr) if e["event"] == "agent_stopped")
+
+
+def wait_for(condition: Callable[[], bool], failure: str, timeout: float = 60) -> None:
+    """Poll until `condition()` holds: the test waits on the event, however loaded the machine."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.05)
 
 
 def test_sixty_second_outage(tmp_path: Path, moto: MotoServer, proxy: FaultProxy) -> None:
@@ -164,12 +173,9 @@ def test_agent_sigterm_child_ignores_it(tmp_path: Path) -> None:
 
 def test_garbage_and_huge_datagrams_on_the_hook_socket(tmp_path: Path) -> None:
     sock_path = tmp_path / "hooks.sock"
-    env = base_env(tmp_path, TELEMETRY_HOOK_SOCKET=str(sock_path))
+    env = base_env(tmp_path, TELEMETRY_HOOK_SOCKET=str(sock_path), TELEMETRY_INTERVAL="1")
     proc = subprocess.Popen([*AGENT, "run"], env=env, stderr=subprocess.PIPE)
-    for _ in range(100):
-        if sock_path.exists():
-            break
-        time.sleep(0.05)
+    wait_for(sock_path.exists, "the hook socket never appeared")
     sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sent_huge = 0
     for size in (64 * 1024, 200 * 1024, MIB):
@@ -181,7 +187,17 @@ def test_garbage_and_huge_datagrams_on_the_hook_socket(tmp_path: Path) -> None:
     for blob in (b"\x00" * 100, b"\xff" * 5000, b"a:b:c|d|e\n" * 500, b"sagemaker.invocation:x|ms"):
         sender.sendto(blob, str(sock_path))
     sender.sendto(b"sagemaker.invocation:5|ms|#status:200", str(sock_path))
-    time.sleep(0.5)
+    # Stop only once the valid datagram has been read (its interval reached the file sink):
+    # datagrams still queued when the agent closes the socket are not read.
+    def counted() -> bool:
+        try:
+            calls = read_calls(tmp_path / "calls.jsonl")
+        except ValueError:  # a record half written: look again
+            return False
+        return any(d["MetricName"] == "Invocations" for c in calls if c["api"] == "PutMetricData"
+                   for d in c["params"]["MetricData"])
+
+    wait_for(counted, "the valid datagram was never counted")
     alive = proc.poll() is None
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)

@@ -7,13 +7,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 SOURCE = Path(__file__).parent.parent / "data" / "fake_nvml.c"
 PROBE = """
-import json, sys, time
+import json, os, sys, time
 from agent.log import configure_logging
 configure_logging("info")
 from agent.rules.instance_metrics import instance_figures
@@ -25,9 +26,10 @@ for _ in range(int(sys.argv[1])):
     figures = {f.metric: f.value for f in instance_figures(None, readings) if f.view == "host"}
     rounds.append({"count": len(readings), "figures": figures,
                    "uuids": [r.uuid for r in readings]})
-    if len(sys.argv) > 2:
+    if len(sys.argv) > 2 and len(rounds) == 1:  # tell the test, and wait until it changed state
         open(sys.argv[2], "a").close()
-        time.sleep(0.3)
+        while os.path.exists(sys.argv[2]):
+            time.sleep(0.01)
 print(json.dumps({"available": sampler.available, "rounds": rounds}))
 """
 
@@ -50,11 +52,19 @@ def probe(libdir: Path, state: str | None, tmp_path: Path, rounds: int = 1,
         env["FAKE_NVML_STATE"] = str(tmp_path / "state")
     args = [sys.executable, "-c", PROBE, str(rounds)]
     if mutate is not None:
-        proc = subprocess.Popen([*args, str(tmp_path / "tick")], env=env, stdout=subprocess.PIPE,
+        # Round one reads `state`; then the probe waits while the test swaps in `mutate`
+        # (atomically), so every later round reads the new state however slow either side is.
+        tick = tmp_path / "tick"
+        proc = subprocess.Popen([*args, str(tick)], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-        while not (tmp_path / "tick").exists():
-            pass
-        (tmp_path / "state").write_text(mutate)
+        deadline = time.monotonic() + 60
+        while not tick.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the probe never finished its first round"
+            time.sleep(0.01)
+        (tmp_path / "state.new").write_text(mutate)
+        (tmp_path / "state.new").replace(tmp_path / "state")
+        tick.unlink()
         out, err = proc.communicate(timeout=30)
     else:
         done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=30, check=True)
