@@ -225,7 +225,7 @@ class _Exchange:
                  "replay", "replay_bytes", "retried", "request_done", "request_sent", "body",
                  "body_bytes", "sent_at", "model_done", "status", "answered", "head_sent",
                  "finished", "out_chunked", "keep_client", "local", "is_head",
-                 "interim_ok", "expect_continue", "truncated")
+                 "version_1_1", "expect_continue", "truncated")
 
     def __init__(self, client: _Client, req: rules.RequestHead, began: float, *,
                  is_head: bool, local: bool) -> None:
@@ -253,7 +253,7 @@ class _Exchange:
         self.keep_client = client.keep_alive
         self.local = local
         self.is_head = is_head
-        self.interim_ok = client.version_1_1
+        self.version_1_1 = client.version_1_1  # this request's, not a pipelined later one's
         self.expect_continue = req.expect_continue
         self.truncated = False              # part of the body was never sent upstream
 
@@ -341,7 +341,7 @@ class _Exchange:
     # -- answer side ----------------------------------------------------------------------
 
     def on_interim(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        if status != 100 and self.interim_ok and not self.client.gone:
+        if status != 100 and self.version_1_1 and not self.client.gone:
             self.client.write(rules.interim_head(status, reason, headers))
 
     def on_answer_head(self, status: int, reason: bytes,
@@ -350,7 +350,7 @@ class _Exchange:
         self.status = status
         client = self.client
         answer = rules.answer_head(
-            status, reason, headers, is_head=self.is_head, client_1_1=client.version_1_1,
+            status, reason, headers, is_head=self.is_head, client_1_1=self.version_1_1,
             # an early answer leaves the rest of the body unread: the connection closes
             keep=self.keep_client and self.request_done and not client.proxy.closing)
         self.keep_client = answer.keep
@@ -398,7 +398,7 @@ class _Exchange:
             self.keep_client = keep = (self.keep_client and self.request_done
                                        and not proxy.closing)
             client.write(rules.error_answer(status, close=not keep, is_head=self.is_head,
-                                            keep_alive_1_0=not client.version_1_1))
+                                            keep_alive_1_0=not self.version_1_1))
             client.exchange_done(self)
         return False
 

@@ -540,6 +540,19 @@ def test_pipelined_requests_are_answered_in_order(peers: tuple[Peer, Peer], case
     assert [r.significant() for r in a] == [r.significant() for r in n]
 
 
+def test_http10_request_pipelined_before_an_http11_one_gets_no_chunks(
+        peers: tuple[Peer, Peer]) -> None:
+    """The client's HTTP version belongs to each request: a 1.1 request parsed behind a 1.0
+    one (found by the fuzz) must not turn the 1.0 answer chunked. Its chunked upstream answer
+    goes out close-delimited, so the connection ends there, as with nginx."""
+    data = (req("/invocations?case=chunked&id=p10-1", version="HTTP/1.0",
+                headers=("Connection: keep-alive",)) + req("/invocations?id=p10-2"))
+    n, a = both(peers, lambda p: raw_exchange(p.port, data, responses=2, timeout=3))
+    assert [r.framing for r in a.responses] == [r.framing for r in n.responses]
+    assert a.responses[0].framing != "chunked" and a.closed and n.closed
+    assert [r.significant() for r in a.responses] == [r.significant() for r in n.responses]
+
+
 # -- answers without a body, close-delimited answers ----------------------------------------------
 
 def test_head_204_304_never_carry_a_body(peers: tuple[Peer, Peer]) -> None:
