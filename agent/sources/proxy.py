@@ -414,6 +414,14 @@ class _Exchange:
                              page))
         self.client.exchange_done(self)
 
+    def abandon(self, status: int) -> None:
+        """The client side ended this request: drop its model connection (unread answers are
+        not pooled) and report it, with the model's status if its answer had begun."""
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            conn.detach_and_close()
+        self.record(self.status or status)
+
     def record(self, status: int) -> None:
         """Report this request once (counted paths only)."""
         if self.finished:
@@ -567,11 +575,7 @@ class _Client(asyncio.Protocol):
         self.current = None
         if exchange is not None and not exchange.finished:
             self.proxy.stats.client_aborts += 1
-            exchange.record(exchange.status if exchange.status else 499)
-            conn = exchange.upstream
-            exchange.upstream = None
-            if conn is not None:
-                conn.detach_and_close()
+            exchange.abandon(499)
         self._drop_queue()
 
     def pause_writing(self) -> None:
@@ -759,10 +763,7 @@ class _Client(asyncio.Protocol):
             return
         if current is not None:  # its own body was refused: it ends here
             self.current = None
-            if current.upstream is not None:
-                current.upstream.detach_and_close()
-                current.upstream = None
-            current.record(status)
+            current.abandon(status)
         self.incoming = None
         self.write(rules.error_answer(status))
         self._close(linger=True)
@@ -802,10 +803,7 @@ class _Client(asyncio.Protocol):
         if not self.lingering:
             self.proxy.stats.client_timeouts += 1
             if exchange is not None and not exchange.finished:
-                exchange.record(exchange.status if exchange.status else 408)
-                if exchange.upstream is not None:
-                    exchange.upstream.detach_and_close()
-                    exchange.upstream = None
+                exchange.abandon(408)
         self._drop_queue()
         if self.write_paused:
             self.transport.abort()
@@ -964,21 +962,21 @@ class _Upstream(asyncio.Protocol):
                        else "upstream closed the connection")
 
     def pause_writing(self) -> None:
-        self.write_paused = True
-        exchange = self.exchange
-        if exchange is not None:
-            exchange.client.upstream_full = True
-            exchange.client._update_reading()
+        self._hold_client(True)
 
     def resume_writing(self) -> None:
-        self.write_paused = False
-        exchange = self.exchange
-        if exchange is not None:
-            exchange.client.upstream_full = False
-            exchange.client._update_reading()
+        self._hold_client(False)
         drain, self.on_drain = self.on_drain, None
         if drain is not None:
             drain()
+
+    def _hold_client(self, full: bool) -> None:
+        """The model's buffer is full (or drained): stop (or resume) reading its client."""
+        self.write_paused = full
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.client.upstream_full = full
+            exchange.client._update_reading()
 
     # -- httptools callbacks ---------------------------------------------------------------
 
