@@ -10,7 +10,7 @@ WORKDIR /opt/program
 
 COPY pyproject.toml README.md ./
 COPY agent ./agent
-RUN pip install --no-cache-dir . numpy && rm -rf /root/.cache
+RUN pip install --no-cache-dir . && rm -rf /root/.cache
 
 COPY examples ./examples
 RUN install -m 0755 examples/serve /usr/local/bin/serve

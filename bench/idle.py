@@ -1,7 +1,7 @@
 """Idle cost of the agent: CPU per second and RSS with 1 s sampling and Prometheus on,
 beside prometheus-node-exporter scraped every second in the same run (when installed).
 
-Target (DESIGN §9): ≤ 1 % of one core, RSS ≤ 80 MB.
+Target (docs/performance.md): ≤ 1 % of one core, RSS ≤ 80 MB.
 Run: python -m bench.idle [--seconds 30]
 """
 

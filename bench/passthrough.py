@@ -1,6 +1,6 @@
 """Child output under the agent vs. the same child piped into `cat`.
 
-DESIGN §9: 300,000 unbuffered 100 B lines, target ≤ 1.3x the `cat` time; and
+Targets: 300,000 unbuffered 100 B lines, target ≤ 1.3x the `cat` time; and
 lines/s framed into PutLogEvents batches (file sink), target ≥ 100,000/s.
 Run: python -m bench.passthrough [--lines N]
 """

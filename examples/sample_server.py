@@ -1,9 +1,10 @@
 """A tiny model server in the SageMaker hosting contract, for trying the agent.
 
 `GET /ping` answers 200 when healthy; `POST /invocations` takes rows of 3 features
-(`[[1, 2, 3], ...]`) and returns the NumPy linear model's predictions (examples/model.py),
-or a flat JSON list of numbers and returns their mean and sum of squares. It listens
-on `SAGEMAKER_BIND_TO_PORT` (default 8080) on 127.0.0.1, or `SAMPLE_SERVER_HOST`.
+(`[[1, 2, 3], ...]`) and returns the linear model's predictions (examples/model.py),
+or a flat JSON list of numbers and returns their mean and sum of squares. Standard library
+only. It listens on `SAGEMAKER_BIND_TO_PORT` (default 8080) on 127.0.0.1, or
+`SAMPLE_SERVER_HOST`.
 `?sleep_ms=N` adds latency, `?status=N` forces a status, and `?chunks=N&chunk_ms=M`
 streams a chunked answer, for testing metrics; request bodies may be chunked.
 """
@@ -24,7 +25,7 @@ _MODEL = None
 
 
 def model() -> object:
-    """The NumPy model, loaded on first use (the server runs without NumPy otherwise)."""
+    """The linear model, fitted on first use (so `/ping` answers at once)."""
     global _MODEL
     if _MODEL is None:
         from examples.model import LinearModel

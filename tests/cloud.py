@@ -238,7 +238,7 @@ async def _forward(port: int, head: bytes, body: bytes) -> bytes:
         writer.close()
 
 
-# -- the limits every request must respect (DESIGN §7) --------------------------------------
+# -- the limits every request must respect (docs/architecture.md) --------------------------------
 
 
 def limit_violations(seen: list[Seen]) -> list[str]:

@@ -1,6 +1,6 @@
 """SageMaker's names: log groups, log streams, namespaces and dimension sets.
 
-Mirrors DESIGN.md §4-§5 (SageMaker's "Log groups and streams" table and the
+Mirrors docs/metrics.md (SageMaker's "Log groups and streams" table and the
 `/aws/sagemaker/*` instance-metric namespaces), with the root namespace
 configurable because `AWS/` namespaces are reserved.
 """

@@ -1,6 +1,6 @@
 """The one retry policy: which failures are worth another try, and how long to wait.
 
-Both CloudWatch sinks use it through `AwsCaller.deliver`. The rules (DESIGN §7):
+Both CloudWatch sinks use it through `AwsCaller.deliver`. The rules (docs/architecture.md):
 throttling, 5xx, timeouts and connection errors are retried with jittered
 exponential backoff, longer for throttling; rejected credentials are retried
 slowly (a rotated role or a fixed secret brings them back, and dropping data

@@ -1,4 +1,4 @@
-"""The reliability matrix (DESIGN §8): one fault per test, each checking that the child is
+"""The reliability matrix (docs/reliability.md): one fault per test, each checking that the child is
 unaffected, the agent stays up (or exits with a clear message where that is right), nothing
 the design keeps is lost, and memory stays within its bound. Each test prints one
 `RELIABILITY | row | figure` line; the README's table comes from a run with `-s`.

@@ -116,7 +116,7 @@ def test_proxy_counts_mixed_statuses_and_times_the_model(tmp_path: Path) -> None
             "count": 32, "sum": 5, "values": []}
         assert datums[("Invocation5XXErrors", dims)]["sum"] == 3
         assert datums[("InvocationsPerInstance", dims)]["sum"] == 32
-    assert ("ContainerLatency", VARIANT) not in datums  # per container only (DESIGN §4)
+    assert ("ContainerLatency", VARIANT) not in datums  # per container only
     model = sorted(datums[("ModelLatency", VARIANT)]["values"])
     container = sorted(datums[("ContainerLatency", CONTAINER)]["values"])
     assert len(model) == 32 and len(container) == 32

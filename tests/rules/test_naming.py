@@ -1,4 +1,4 @@
-"""Naming rules against every row of DESIGN.md §4 (namespaces, dimensions) and §5 (logs)."""
+"""Naming rules against every row of docs/metrics.md's tables (namespaces, dimensions, logs)."""
 
 from __future__ import annotations
 

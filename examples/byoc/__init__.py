@@ -1,0 +1,1 @@
+"""nginx → gunicorn → Flask, the layout of SageMaker's bring-your-own-container example."""
