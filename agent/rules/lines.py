@@ -10,7 +10,11 @@ Three pure stages, each testable alone:
 3. `EventJoiner` joins lines into multi-line events: indented lines and Python
    tracebacks join the previous event (or, with a start pattern, every line not
    matching it), empty lines are skipped, and an event is complete when the next
-   one starts, when the joiner is idle for `IDLE_FLUSH_S`, or at EOF.
+   one starts, when the joiner is idle for `IDLE_FLUSH_S`, or at EOF. A traceback
+   also joins the line just before it (`logger.exception`'s message, gunicorn's
+   `[ERROR] Error handling request ...`) when that line arrived at most
+   `TRACEBACK_JOIN_MS` before it and its event holds no traceback yet, so the
+   message and its traceback are one event.
 """
 
 from __future__ import annotations
@@ -26,6 +30,13 @@ from agent.model import LogEvent
 MAX_EVENT_BYTES = 1_048_576 - 26
 # Half-built multi-line events are flushed after this much quiet (as the CloudWatch agent does).
 IDLE_FLUSH_S = 5.0
+# A traceback joins the line before it (its header) when it arrived this soon after it. Logging
+# writes header and traceback in one write, so they arrive in the same read (0 ms apart). Written
+# separately (`print(...)`, then `traceback.print_exc()` line by line) they may come in two
+# reads, and the arrival time is the reader thread's, which waits for the GIL (a 5 ms switch
+# interval per hop) while the loop frames: 0-9 ms apart measured, more under CPU contention.
+# 50 ms covers that; a line that came long before stays its own event.
+TRACEBACK_JOIN_MS = 50
 
 _TRACEBACK_START = "Traceback (most recent call last):"
 _CHAIN_LINES = (
@@ -185,14 +196,18 @@ class EventJoiner:
         stream: "stdout" or "stderr", copied into each event.
         start_pattern: when set, only lines matching it start an event.
         limit: the most bytes one event may hold.
+        join_ms: a traceback joins the line before it when it arrived at most this much
+            later (without a start pattern; see `TRACEBACK_JOIN_MS`).
     """
 
     stream: str
     start_pattern: re.Pattern[str] | None = None
     limit: int = MAX_EVENT_BYTES
+    join_ms: int = TRACEBACK_JOIN_MS
     _lines: list[str] = field(default_factory=list)
     _size: int = 0
     _ts: int = 0
+    _last_ts: int = 0  # arrival of the pending event's last line
     _in_traceback: bool = False
     _open_piece: bool = False
 
@@ -210,12 +225,14 @@ class EventJoiner:
                 self._start(text, size, piece.timestamp_ms)
                 continue
             continuing_piece = True  # further messages of this piece are continuations
-            if self._lines and self._joins(text) and self._size + 1 + size <= self.limit:
+            if (self._lines and self._joins(text, piece.timestamp_ms)
+                    and self._size + 1 + size <= self.limit):
                 self._lines.append(text)
                 self._size += 1 + size
             else:
                 self._emit(out)
                 self._start(text, size, piece.timestamp_ms)
+            self._last_ts = piece.timestamp_ms
             self._track_traceback(text)
         return out
 
@@ -247,7 +264,7 @@ class EventJoiner:
                 joins = pattern.match(text) is None
             else:
                 joins = (text[0] in " \t" or self._in_traceback or text in _CHAIN_LINES
-                         or (self._chained and text.startswith(_TRACEBACK_START)))
+                         or (text[0] == "T" and self._traceback_joins(text, ts)))
             if joins and self._size + 1 + size <= limit:
                 self._lines.append(text)
                 self._size += 1 + size
@@ -265,6 +282,7 @@ class EventJoiner:
                     self._in_traceback = text.startswith(_TRACEBACK_START)
             elif text[0] == "T" or text[0] == "D":
                 self._track_traceback(text)
+            self._last_ts = ts
             ts = timestamp_ms
         return out
 
@@ -280,14 +298,26 @@ class EventJoiner:
         """Whether an event is waiting for its next line."""
         return bool(self._lines)
 
-    def _joins(self, text: str) -> bool:
+    def _joins(self, text: str, ts: int) -> bool:
         if self.start_pattern is not None:
             return self.start_pattern.match(text) is None
         if text[0] in " \t":
             return True
         if self._in_traceback:
             return True  # the exception line that closes a traceback
-        return text in _CHAIN_LINES or (self._chained and text.startswith(_TRACEBACK_START))
+        return text in _CHAIN_LINES or self._traceback_joins(text, ts)
+
+    def _traceback_joins(self, text: str, ts: int) -> bool:
+        """Whether `text`, arriving at `ts`, is a traceback that joins the pending event:
+        after a chain line, or right after its header line (the pending event's last line
+        arrived at most `join_ms` before, and the event holds no traceback of its own, so
+        two tracebacks in a row stay two events). Only runs for lines starting with "T"."""
+        if not text.startswith(_TRACEBACK_START):
+            return False
+        if self._chained:
+            return True
+        return (ts - self._last_ts <= self.join_ms
+                and not any(line.startswith(_TRACEBACK_START) for line in self._lines))
 
     @property
     def _chained(self) -> bool:

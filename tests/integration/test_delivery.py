@@ -47,6 +47,7 @@ def test_lines_traceback_and_huge_line_arrive_once_in_order(
         "try:\n"
         "    1 / 0\n"
         "except ZeroDivisionError:\n"
+        "    print('division failed:')\n"
         "    import traceback; traceback.print_exc(file=sys.stdout)\n"
         "print('y' * 3_000_000)\n"
         "print('last line')\n")
@@ -60,7 +61,7 @@ def test_lines_traceback_and_huge_line_arrive_once_in_order(
     messages = stored_messages(moto, GROUP, stream)
     assert messages[:20000] == expected_lines(20000)
     traceback = messages[20000]
-    assert traceback.startswith("Traceback (most recent call last):")
+    assert traceback.startswith("division failed:\nTraceback (most recent call last):")
     assert traceback.rstrip().endswith("ZeroDivisionError: division by zero")
     assert "".join(messages[20001:-1]) == "y" * 3_000_000 and len(messages[20001:-1]) >= 3
     assert messages[-1] == "last line"

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from agent.model import LogEvent
 from agent.rules.lines import (
     MAX_EVENT_BYTES,
+    TRACEBACK_JOIN_MS,
     EventJoiner,
     LineFramer,
     Piece,
@@ -19,11 +20,14 @@ from agent.rules.lines import (
 
 
 def frame(chunks: list[bytes], limit: int = MAX_EVENT_BYTES,
-          pattern: re.Pattern[str] | None = None) -> list[LogEvent]:
-    """Run bytes through framer and joiner as the child-output source does."""
+          pattern: re.Pattern[str] | None = None,
+          times: list[int] | None = None) -> list[LogEvent]:
+    """Run bytes through framer and joiner as the child-output source does; chunk i
+    arrives at `times[i]` ms (default i)."""
     framer, joiner = LineFramer(limit), EventJoiner("stdout", pattern, limit)
     events: list[LogEvent] = []
-    for ts, chunk in enumerate(chunks):
+    for i, chunk in enumerate(chunks):
+        ts = times[i] if times is not None else i
         for piece in framer.feed(chunk, ts):
             events.extend(joiner.add(piece))
     for piece in framer.flush():
@@ -112,11 +116,59 @@ class TestJoiner:
                 b"During handling of the above exception, another exception occurred:\n\n"
                 b"Traceback (most recent call last):\n  File \"m.py\", line 5\n"
                 b"ValueError: bad\nafter\n")
-        messages = [e.message for e in frame([text])]
-        assert messages[0] == "before" and messages[-1] == "after"
-        assert len(messages) == 3
-        assert messages[1].startswith("Traceback") and messages[1].endswith("ValueError: bad")
-        assert "ZeroDivisionError" in messages[1]
+        messages = [e.message for e in frame([text], times=[0])]
+        assert messages[-1] == "after"
+        assert len(messages) == 2
+        assert messages[0].startswith("before\nTraceback")
+        assert messages[0].endswith("ValueError: bad")
+        assert "ZeroDivisionError" in messages[0]
+
+    def test_header_and_its_traceback_are_one_event(self) -> None:
+        """logger.exception's message (or gunicorn's header) and the traceback written with
+        it arrive together: one event that starts with the header."""
+        text = (b"[2024-05-01 10:00:00 +0000] [7] [ERROR] Error handling request /invocations\n"
+                b"Traceback (most recent call last):\n  File \"app.py\", line 9, in handle\n"
+                b"    raise ValueError(\"bad\")\nValueError: bad\n"
+                b"ERROR in app: Exception on /invocations [POST]\n"
+                b"Traceback (most recent call last):\n  File \"app.py\", line 3\n"
+                b"KeyError: 'x'\nnext\n")
+        messages = [e.message for e in frame([text], times=[0])]
+        assert len(messages) == 3, messages
+        assert messages[0].startswith("[2024-05-01 10:00:00 +0000] [7] [ERROR] Error handling")
+        assert messages[0].endswith("ValueError: bad") and "Traceback" in messages[0]
+        assert messages[1].startswith("ERROR in app: Exception on /invocations [POST]\n"
+                                      "Traceback (most recent call last):")
+        assert messages[1].endswith("KeyError: 'x'")
+        assert messages[2] == "next"
+
+    def test_header_in_an_earlier_read_within_the_window_joins(self) -> None:
+        """Header and traceback written separately (print, then traceback.print_exc) and
+        read apart, a few ms apart: still one event."""
+        chunks = [b"failed to load\n", b"Traceback (most recent call last):\n  x\nE: y\n"]
+        events = frame(chunks, times=[100, 100 + TRACEBACK_JOIN_MS])
+        assert [e.message for e in events] == [
+            "failed to load\nTraceback (most recent call last):\n  x\nE: y"]
+        assert events[0].timestamp_ms == 100
+
+    def test_line_long_before_a_traceback_stays_apart(self) -> None:
+        """A line that came well before the traceback is not its header."""
+        chunks = [b"server started\n", b"Traceback (most recent call last):\n  x\nE: y\n"]
+        events = frame(chunks, times=[100, 101 + TRACEBACK_JOIN_MS])
+        assert [e.message for e in events] == [
+            "server started", "Traceback (most recent call last):\n  x\nE: y"]
+
+    def test_two_tracebacks_in_a_row_stay_two_events(self) -> None:
+        """A traceback never joins an event that holds a traceback already."""
+        tb = b"Traceback (most recent call last):\n  x\nE: y\n"
+        events = frame([b"head\n" + tb + tb], times=[0])
+        assert [e.message for e in events] == [
+            "head\n" + tb.decode().rstrip("\n"), tb.decode().rstrip("\n")]
+
+    def test_header_and_traceback_over_the_limit_are_cut(self) -> None:
+        """When header + traceback would outgrow the limit, the traceback starts its own."""
+        events = frame([b"h" * 20 + b"\nTraceback (most recent call last):\n"], limit=40,
+                       times=[0])
+        assert [e.message for e in events] == ["h" * 20, "Traceback (most recent call last):"]
 
     def test_start_pattern(self) -> None:
         """With a start pattern, only matching lines start events."""
@@ -162,11 +214,13 @@ class TestJoiner:
         assert all(e.size == len(e.message.encode()) for e in events)
 
 
-def frame_fast(chunks: list[bytes], limit: int) -> list[LogEvent]:
+def frame_fast(chunks: list[bytes], limit: int,
+               times: list[int] | None = None) -> list[LogEvent]:
     """Frame as the child-output source does: the fast path where it applies."""
     framer, joiner = LineFramer(limit), EventJoiner("stdout", None, limit)
     events: list[LogEvent] = []
-    for ts, chunk in enumerate(chunks):
+    for i, chunk in enumerate(chunks):
+        ts = times[i] if times is not None else i
         fast = framer.feed_lines(chunk, ts)
         if fast is not None:
             events.extend(joiner.add_lines(fast[1], fast[0], ts))
@@ -199,3 +253,59 @@ class TestFastPath:
             rest = rest[cut:]
         chunks.append(rest)
         assert frame_fast(chunks, limit) == frame(chunks, limit)
+
+    @given(st.lists(_LINE_KINDS, max_size=40), st.lists(st.integers(1, 90), max_size=12),
+           st.lists(st.integers(0, 3 * TRACEBACK_JOIN_MS), min_size=13, max_size=13),
+           st.integers(8, 200))
+    @settings(max_examples=400, deadline=None)
+    def test_fast_path_equals_general_path_at_any_pace(self, lines: list[bytes],
+                                                       cuts: list[int], gaps: list[int],
+                                                       limit: int) -> None:
+        """With reads some ms apart (tracebacks joining their header or not), the fast
+        path still yields exactly the events of the general path."""
+        data = b"\n".join(lines)
+        chunks, rest = [], data
+        for cut in cuts:
+            chunks.append(rest[:cut])
+            rest = rest[cut:]
+        chunks.append(rest)
+        times = [sum(gaps[: i + 1]) for i in range(len(chunks))]
+        assert frame_fast(chunks, limit, times) == frame(chunks, limit, times=times)
+
+
+_TB = "Traceback (most recent call last):"
+_TEXT_KINDS = st.sampled_from([
+    "plain", "  indented", "\tTabbed", "", _TB, _TB, "ValueError: x",
+    "During handling of the above exception, another exception occurred:",
+    "ERROR in app: Exception on /invocations [POST]", "\u00e9t\u00e9 \U0001f600", "x" * 70,
+    "Tail", "Done"])
+
+
+class TestTracebackHeader:
+    @given(st.lists(st.tuples(st.lists(_TEXT_KINDS, min_size=1, max_size=6),
+                              st.integers(0, 3 * TRACEBACK_JOIN_MS)), max_size=15),
+           st.integers(72, 300), st.booleans())
+    @settings(max_examples=400, deadline=None)
+    def test_nothing_lost_and_tracebacks_join_their_header(
+            self, reads: list[tuple[list[str], int]], limit: int, fast: bool) -> None:
+        """Reads of whole lines, some ms apart: the events hold every non-empty line once,
+        in order, within the limit; and a traceback starts an event of its own only when
+        the line before it came more than TRACEBACK_JOIN_MS earlier, or its event already
+        holds a traceback, or joining would outgrow the limit."""
+        chunks, times, arrived, now = [], [], [], 0
+        for lines, gap in reads:
+            now += gap
+            chunks.append("".join(line + "\n" for line in lines).encode())
+            times.append(now)
+            arrived += [(line, now) for line in lines if line]
+        events = frame_fast(chunks, limit, times) if fast else frame(chunks, limit, times=times)
+        split = [e.message.split("\n") for e in events]
+        assert [line for lines in split for line in lines] == [line for line, _ in arrived]
+        assert all(0 < e.size <= limit and e.size == len(e.message.encode()) for e in events)
+        position = 0
+        for i, lines in enumerate(split):
+            if i > 0 and lines[0] == _TB:
+                previous, gap = split[i - 1], arrived[position][1] - arrived[position - 1][1]
+                assert (gap > TRACEBACK_JOIN_MS or _TB in previous
+                        or events[i - 1].size + 1 + len(_TB) > limit), (previous, gap)
+            position += len(lines)
