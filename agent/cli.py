@@ -1,7 +1,10 @@
-"""Command line: `telemetry-agent run [--] CMD...`, `check-config`, `--version`.
+"""Command line: `telemetry-agent run [--] CMD...`, `check-config`, `dashboard`, `--version`.
 
-Maps outcomes to exit codes: the child's code for `run`, 2 for a configuration
-error (before the child starts, unless `TELEMETRY_FAIL_OPEN=true`).
+Maps outcomes to exit codes: the child's code for `run` (127: not found, 126: not
+executable), 2 for a configuration error (before the child starts, unless
+`TELEMETRY_FAIL_OPEN=true`). stdout carries only a command's output: the child's
+stdout, `check-config`'s JSON report, `dashboard`'s JSON body. Every agent line,
+configuration errors included, is a JSON log line on stderr (`agent.log`).
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ from agent.log import configure_logging, get_logger
 from agent.model import Identity
 from agent.rules import naming
 from agent.stdio import STDERR
+from agent.supervisor import hold_signals, release_signals, spawn_exit_code
 
 EXIT_CONFIG = 2
+# At exit, how long agent log lines may take to reach a slow reader of stderr.
+STDERR_FLUSH_S = 2.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,20 +51,27 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if args.command == "check-config":
-        return check_config(os.environ)
-    if args.command == "dashboard":
-        return print_dashboard(os.environ)
-    cmd = list(args.cmd)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
-    return run(cmd, os.environ)
+    configure_logging("info")  # until the settings say otherwise: stderr, JSON, never stdout
+    try:
+        if args.command == "check-config":
+            return check_config(os.environ)
+        if args.command == "dashboard":
+            return print_dashboard(os.environ)
+        cmd = list(args.cmd)
+        if cmd and cmd[0] == "--":
+            cmd = cmd[1:]
+        return run(cmd, os.environ)
+    except KeyboardInterrupt:  # Ctrl-C before `run` without CMD set its handlers: no traceback
+        return 130
+    finally:
+        STDERR.flush(STDERR_FLUSH_S)
 
 
 def check_config(env: Mapping[str, str]) -> int:
     """Print the effective settings and the names they give; 0 if valid, 2 if not."""
     loaded = _load(env)
-    if loaded is None:
+    if isinstance(loaded, ConfigError):
+        print(json.dumps({"problems": loaded.problems}, indent=2))
         return EXIT_CONFIG
     settings, identity = loaded
     report = {
@@ -80,7 +93,7 @@ def print_dashboard(env: Mapping[str, str]) -> int:
     from agent.rules.dashboard import dashboard  # noqa: PLC0415
 
     loaded = _load(env)
-    if loaded is None:
+    if isinstance(loaded, ConfigError):
         return EXIT_CONFIG
     settings, identity = loaded
     print(json.dumps(dashboard(identity, settings.namespace, settings.region or "us-east-1"),
@@ -88,13 +101,13 @@ def print_dashboard(env: Mapping[str, str]) -> int:
     return 0
 
 
-def _load(env: Mapping[str, str]) -> tuple[Settings, Identity] | None:
-    """Settings and identity for the one-shot commands; None (reported) on a config error."""
+def _load(env: Mapping[str, str]) -> tuple[Settings, Identity] | ConfigError:
+    """Settings and identity for the one-shot commands; the error (logged) if invalid."""
     try:
         settings = load_settings(env)
     except ConfigError as exc:
-        print(f"telemetry-agent: {exc}", file=sys.stderr)
-        return None
+        _config_invalid(exc)
+        return exc
     from agent.identity import resolve_identity  # noqa: PLC0415
 
     return settings, resolve_identity(settings, env)
@@ -102,17 +115,18 @@ def _load(env: Mapping[str, str]) -> tuple[Settings, Identity] | None:
 
 def run(cmd: list[str], env: Mapping[str, str]) -> int:
     """`telemetry-agent run`: validate, then supervise `cmd` (or run alone)."""
+    if cmd:
+        hold_signals()  # a stop signal from here on waits for the child (supervisor.py)
     if not _enabled(env):
         return _exec_plain(cmd)
     try:
         settings = load_settings(env)
     except ConfigError as exc:
         if not _fail_open(env):
-            print(f"telemetry-agent: {exc}", file=sys.stderr)
+            _config_invalid(exc)
             return EXIT_CONFIG
-        configure_logging("info")
         get_logger("cli").error("config_invalid_running_without_telemetry", problems=exc.problems)
-        STDERR.child_closed()
+        STDERR.flush(STDERR_FLUSH_S)
         return _exec_plain(cmd)
     configure_logging(settings.log_level)
     code = _supervise(settings, cmd, env)
@@ -120,8 +134,16 @@ def run(cmd: list[str], env: Mapping[str, str]) -> int:
 
     sys.stdout.flush()
     sys.stderr.flush()
+    STDERR.flush(STDERR_FLUSH_S)
     hard_exit(code)
     return code  # not reached
+
+
+def _config_invalid(exc: ConfigError) -> None:
+    """Report every configuration problem in one agent log line."""
+    get_logger("cli").error("config_invalid", problems=exc.problems,
+                            hint="fix them all, or set TELEMETRY_FAIL_OPEN=true to run "
+                            "the child without telemetry")
 
 
 def _supervise(settings: Settings, cmd: list[str], env: Mapping[str, str]) -> int:
@@ -160,12 +182,12 @@ def _exec_plain(cmd: list[str]) -> int:
     """Become the child: telemetry off means no agent at all in the way."""
     if not cmd:
         return 0
+    release_signals()  # the mask would outlive exec; a pending stop signal acts now
     try:
         os.execvp(cmd[0], cmd)  # noqa: S606 - running the user's command is the job
-    except FileNotFoundError:
-        print(f"telemetry-agent: command not found: {cmd[0]}", file=sys.stderr)
-        return 127
-    except PermissionError:
-        print(f"telemetry-agent: permission denied: {cmd[0]}", file=sys.stderr)
-        return 126
+    except OSError as exc:
+        code = spawn_exit_code(exc)
+        get_logger("cli").error("child_not_found" if code == 127 else "child_not_executable",
+                                argv=cmd, error=exc.strerror)
+        return code
     return 0  # not reached

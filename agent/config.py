@@ -8,18 +8,21 @@ every problem before raising one `ConfigError`, so a user fixes all at once.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
+from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.errors import ConfigError
 from agent.model import Resource
 
 PREFIX = "TELEMETRY_"
+T = TypeVar("T")
 
 # CloudWatch Logs accepts only these retention periods (PutRetentionPolicy).
 RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731,
@@ -258,108 +261,121 @@ class Field:
         return PREFIX + self.name.upper()
 
 
-FIELDS: tuple[Field, ...] = (
-    Field("enabled", parse_bool, "true", "false: run the child as a plain pass-through, nothing else"),
-    Field("resource", parse_resource, "endpoint", "endpoint, training, transform or processing"),
-    Field("endpoint_name", parse_sagemaker_name, None, "EndpointName (endpoint resource)"),
-    Field("variant_name", parse_sagemaker_name, "AllTraffic", "VariantName (endpoint resource)"),
-    Field("container_name", parse_sagemaker_name, None,
-          "the pipeline container's name (ContainerHostname); adds the per-container view"),
-    Field("job_name", parse_sagemaker_name, None, "training/transform/processing job; default TRAINING_JOB_NAME"),
-    Field("host", parse_host, None, "instance identity in Host and stream names; default instance id, "
-          "else hostname (training: current_host)"),
-    Field("namespace", parse_namespace, "SageMakerAgent", "root CloudWatch namespace; not AWS/..."),
-    Field("interval", parse_interval, "60", "publish interval, seconds: 1, 5, 10, 30 or a multiple of 60"),
-    Field("high_resolution", parse_bool, "false", "publish with StorageResolution=1"),
-    Field("sample_interval", number(0.1, 3600), "1", "seconds between system/GPU samples"),
-    Field("cloudwatch", parse_cloudwatch, "auto", "on, off, or auto = on when an AWS region is configured"),
-    Field("prometheus", parse_address, "127.0.0.1:9464", "host:port of the /metrics endpoint, or off"),
-    Field("file_sink", parse_absolute_path, None, "JSON Lines file recording every AWS call made or (dry run) "
-          "that would be made"),
-    Field("proxy_listen", parse_listen, None, "request proxy front address (host:port or auto)"),
-    Field("proxy_upstream", parse_address, None, "model server address behind the proxy"),
-    Field("proxy_timeout", number(0.1, 3600), "60", "seconds the model server may stay silent "
-          "(between two reads of its answer) before the proxy answers 504 (nginx's proxy_read_timeout)"),
-    Field("proxy_connect_timeout", number(0.1, 3600), "5", "seconds to connect to the model server "
-          "before the proxy answers 504"),
-    Field("proxy_client_header_timeout", number(0.1, 3600), "60", "seconds a client may take to send "
-          "a request head before its connection is closed (nginx's client_header_timeout)"),
-    Field("proxy_client_body_timeout", number(0.1, 3600), "60", "seconds a client may stay silent "
-          "between two reads of its request body (nginx's client_body_timeout)"),
-    Field("proxy_send_timeout", number(0.1, 3600), "60", "seconds a client may leave its answer "
-          "unread before both connections close (nginx's send_timeout)"),
-    Field("proxy_keepalive_timeout", number(0.1, 3600), "75", "seconds an idle client connection "
-          "stays open (nginx's keepalive_timeout)"),
-    Field("proxy_metrics", parse_bool, "false", "serve Prometheus /metrics on the proxy's port too "
-          "(off when the model server serves its own)"),
-    Field("hook_socket", parse_socket_path, None, "Unix datagram socket for hooks; default a private path"),
-    Field("statsd", parse_address, "127.0.0.1:8125", "UDP StatsD/DogStatsD listener, or off"),
-    Field("disk_path", parse_absolute_path, None, "filesystem measured by DiskUtilization; default /opt/ml, else /"),
-    Field("log_group", parse_log_group, None, "log group override; placeholders {endpoint} {variant} "
-          "{container} {job} {host} {epoch}"),
-    Field("log_stream", parse_log_stream, None, "log stream override; same placeholders"),
-    Field("log_start_pattern", parse_regex, None, "regex: a line matching it starts a new log event, "
-          "others join the previous one (default: indentation and Python tracebacks)"),
-    Field("shutdown_timeout", number(0, 3600), "20", "seconds to flush after the child exits"),
-    Field("stop_grace", number(0, 3600), "25", "seconds between forwarding SIGTERM and SIGKILL to a "
-          "child that has not exited"),
-    Field("instance_count", integer(1, 100000), "1", "instances behind the variant (InvocationsPerInstance)"),
-    Field("buffer_mb", number(1, 65536), "64", "memory bound for buffered telemetry, MiB"),
-    Field("spool_dir", parse_absolute_path, None, "directory for the disk spool used during outages"),
-    Field("spool_mb", number(1, 1048576), "1024", "disk spool bound, MiB"),
-    Field("aws_timeout", number(0.1, 300), "10", "seconds to wait for an AWS answer before retrying "
-          "(connect: at most 3 s of it)"),
-    Field("log_retention_days", parse_retention, None, "retention set on log groups the agent creates"),
-    Field("fail_open", parse_bool, "false", "on a configuration error, run the child without telemetry"),
-    Field("log_level", parse_log_level, "info", "the agent's own log level: debug, info, warning, error"),
-)
+_SETTING = "telemetry_setting"  # the dataclass-field metadata key that marks a setting
 
 
-@dataclass(frozen=True, slots=True)
+def setting(parse: Callable[[str], T], default: str | None, doc: str) -> T:
+    """Declare one setting as a field of `Settings`: its parser, its default as a user
+    would write it (None: unset) and one line of meaning.
+
+    This line is the setting's only declaration: its attribute name gives the variable
+    (`TELEMETRY_<NAME>`) and the TOML key, the annotation its type (checked against the
+    parser's return type), and `FIELDS`, the parsing, `check-config` and the unknown-name
+    check all follow from it.
+    """
+    declared: T = dataclass_field(metadata={_SETTING: (parse, default, doc)})
+    return declared
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
-    """The effective configuration. Build it with `load_settings`."""
+    """The effective configuration. Build it with `load_settings`.
 
-    enabled: bool
-    resource: Resource
-    endpoint_name: str | None
-    variant_name: str
-    container_name: str | None
-    job_name: str | None
-    host: str | None
-    namespace: str
-    interval: int
-    high_resolution: bool
-    sample_interval: float
-    cloudwatch: str
-    prometheus: Address | None
-    file_sink: Path | None
-    proxy_listen: Address | None
-    proxy_upstream: Address | None
-    proxy_timeout: float
-    proxy_connect_timeout: float
-    proxy_client_header_timeout: float
-    proxy_client_body_timeout: float
-    proxy_send_timeout: float
-    proxy_keepalive_timeout: float
-    proxy_metrics: bool
-    hook_socket: Path | None
-    statsd: Address | None
-    disk_path: Path | None
-    log_group: str | None
-    log_stream: str | None
-    log_start_pattern: re.Pattern[str] | None
-    shutdown_timeout: float
-    stop_grace: float
-    instance_count: int
-    buffer_mb: float
-    spool_dir: Path | None
-    spool_mb: float
-    aws_timeout: float
-    log_retention_days: int | None
-    fail_open: bool
-    log_level: str
-    region: str | None = None
-    config_file: Path | None = None
+    To add a setting, append one `name: type = setting(parser, default, meaning)` line at
+    the end of the list below (then its row in the README table and its line in
+    config/telemetry.toml, which tests check).
+    """
+
+    region: str | None = None  # not a setting: found as boto3 finds it
+    config_file: Path | None = None  # TELEMETRY_CONFIG, read before the settings
+
+    enabled: bool = setting(parse_bool, "true",
+        "false: run the child as a plain pass-through, nothing else")
+    resource: Resource = setting(parse_resource, "endpoint",
+        "endpoint, training, transform or processing")
+    endpoint_name: str | None = setting(parse_sagemaker_name, None,
+        "EndpointName (endpoint resource)")
+    variant_name: str = setting(parse_sagemaker_name, "AllTraffic",
+        "VariantName (endpoint resource)")
+    container_name: str | None = setting(parse_sagemaker_name, None,
+        "the pipeline container's name (ContainerHostname); adds the per-container view")
+    job_name: str | None = setting(parse_sagemaker_name, None,
+        "training/transform/processing job; default TRAINING_JOB_NAME")
+    host: str | None = setting(parse_host, None,
+        "instance identity in Host and stream names; default instance id, else hostname "
+        "(training: current_host)")
+    namespace: str = setting(parse_namespace, "SageMakerAgent",
+        "root CloudWatch namespace; not AWS/...")
+    interval: int = setting(parse_interval, "60",
+        "publish interval, seconds: 1, 5, 10, 30 or a multiple of 60")
+    high_resolution: bool = setting(parse_bool, "false", "publish with StorageResolution=1")
+    sample_interval: float = setting(number(0.1, 3600), "1", "seconds between system/GPU samples")
+    cloudwatch: str = setting(parse_cloudwatch, "auto",
+        "on, off, or auto = on when an AWS region is configured")
+    prometheus: Address | None = setting(parse_address, "127.0.0.1:9464",
+        "host:port of the /metrics endpoint, or off")
+    file_sink: Path | None = setting(parse_absolute_path, None,
+        "JSON Lines file recording every AWS call made or (dry run) that would be made")
+    proxy_listen: Address | None = setting(parse_listen, None,
+        "request proxy front address (host:port or auto)")
+    proxy_upstream: Address | None = setting(parse_address, None,
+        "model server address behind the proxy")
+    proxy_timeout: float = setting(number(0.1, 3600), "60",
+        "seconds the model server may stay silent (between two reads of its answer) before the "
+        "proxy answers 504 (nginx's proxy_read_timeout)")
+    proxy_connect_timeout: float = setting(number(0.1, 3600), "5",
+        "seconds to connect to the model server before the proxy answers 504")
+    proxy_client_header_timeout: float = setting(number(0.1, 3600), "60",
+        "seconds a client may take to send a request head before its connection is closed "
+        "(nginx's client_header_timeout)")
+    proxy_client_body_timeout: float = setting(number(0.1, 3600), "60",
+        "seconds a client may stay silent between two reads of its request body (nginx's "
+        "client_body_timeout)")
+    proxy_send_timeout: float = setting(number(0.1, 3600), "60",
+        "seconds a client may leave its answer unread before both connections close (nginx's "
+        "send_timeout)")
+    proxy_keepalive_timeout: float = setting(number(0.1, 3600), "75",
+        "seconds an idle client connection stays open (nginx's keepalive_timeout)")
+    proxy_metrics: bool = setting(parse_bool, "false",
+        "serve Prometheus /metrics on the proxy's port too (off when the model server serves "
+        "its own)")
+    hook_socket: Path | None = setting(parse_socket_path, None,
+        "Unix datagram socket for hooks; default a private path")
+    statsd: Address | None = setting(parse_address, "127.0.0.1:8125",
+        "UDP StatsD/DogStatsD listener, or off")
+    disk_path: Path | None = setting(parse_absolute_path, None,
+        "filesystem measured by DiskUtilization; default /opt/ml, else /")
+    log_group: str | None = setting(parse_log_group, None,
+        "log group override; placeholders {endpoint} {variant} {container} {job} {host} {epoch}")
+    log_stream: str | None = setting(parse_log_stream, None,
+        "log stream override; same placeholders")
+    log_start_pattern: re.Pattern[str] | None = setting(parse_regex, None,
+        "regex: a line matching it starts a new log event, others join the previous one "
+        "(default: indentation and Python tracebacks)")
+    shutdown_timeout: float = setting(number(0, 3600), "20",
+        "seconds to flush after the child exits")
+    stop_grace: float = setting(number(0, 3600), "25",
+        "seconds between forwarding SIGTERM and SIGKILL to a child that has not exited")
+    instance_count: int = setting(integer(1, 100000), "1",
+        "instances behind the variant (InvocationsPerInstance)")
+    max_models: int = setting(integer(1, 10000), "100",
+        "distinct TargetModel / InferenceComponentName values published; more fold into Other")
+    buffer_mb: float = setting(number(1, 65536), "64", "memory bound for buffered telemetry, MiB")
+    spool_dir: Path | None = setting(parse_absolute_path, None,
+        "directory for the disk spool used during outages")
+    spool_mb: float = setting(number(1, 1048576), "1024", "disk spool bound, MiB")
+    aws_timeout: float = setting(number(0.1, 300), "10",
+        "seconds to wait for an AWS answer before retrying (connect: at most 3 s of it)")
+    log_retention_days: int | None = setting(parse_retention, None,
+        "retention set on log groups the agent creates")
+    fail_open: bool = setting(parse_bool, "false",
+        "on a configuration error, run the child without telemetry")
+    log_level: str = setting(parse_log_level, "info",
+        "the agent's own log level: debug, info, warning, error")
+    custom_series: int = setting(integer(0, 100000), "1000",
+        "distinct custom (StatsD) series (name x dimensions) published per interval; later "
+        "new ones are only counted, in CustomMetricsOverflow")
+    # ^ append new settings here, one line each.
 
     @property
     def cloudwatch_enabled(self) -> bool:
@@ -369,15 +385,37 @@ class Settings:
     def describe(self) -> dict[str, Any]:
         """The effective settings as plain values, for `check-config`. Holds no credential."""
         out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
+        for name in [f.name for f in FIELDS] + ["region", "config_file"]:
+            value = getattr(self, name)
             if isinstance(value, re.Pattern):
                 value = value.pattern
             elif isinstance(value, (Path, Address, Resource)):
                 value = value.value if isinstance(value, Resource) else str(value)
-            out[f.name] = value
+            out[name] = value
         out["cloudwatch_enabled"] = self.cloudwatch_enabled
         return out
+
+
+# Every setting in declaration order: drives parsing, the TOML keys, `check-config` and docs.
+FIELDS: tuple[Field, ...] = tuple(Field(f.name, *f.metadata[_SETTING])
+                                  for f in fields(Settings) if _SETTING in f.metadata)
+# Variables the agent reads that are not settings (TELEMETRY_CONFIG names the TOML file).
+OTHER_VARIABLES = (PREFIX + "CONFIG",)
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """One problem per `TELEMETRY_*` variable that is no setting, naming the closest known
+    name: a typo (INTERVALL for INTERVAL) must not silently run with the default."""
+    names = [f.env for f in FIELDS] + list(OTHER_VARIABLES)
+    known = {name.removeprefix(PREFIX): name for name in names}
+    problems = []
+    for name in sorted(k for k in env if k.startswith(PREFIX) and k not in names):
+        # Compare what follows the prefix: the shared prefix would make every name look close.
+        close = difflib.get_close_matches(name.removeprefix(PREFIX), list(known), n=1, cutoff=0.6)
+        hint = f"did you mean {known[close[0]]}?" if close else "no setting has a similar name"
+        problems.append(f"{name} is not a known variable; {hint} "
+                        "(accepted: the names in the configuration reference)")
+    return problems
 
 
 def _read_toml(path: Path, problems: list[str]) -> dict[str, str]:
@@ -437,6 +475,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         config_file = _expand(env["TELEMETRY_CONFIG"])
         file_values = _read_toml(config_file, problems)
 
+    problems.extend(unknown_variables(env))
     values: dict[str, Any] = {}
     for field in FIELDS:
         raw = env.get(field.env)

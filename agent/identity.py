@@ -48,16 +48,23 @@ def imds_allowed(env: Mapping[str, str]) -> bool:
     return env.get("AWS_EC2_METADATA_DISABLED", "").strip().lower() != "true"
 
 
-def instance_id(timeout: float = IMDS_TIMEOUT_S) -> str | None:
+def imds_url(env: Mapping[str, str]) -> str:
+    """The metadata service's base URL: `AWS_EC2_METADATA_SERVICE_ENDPOINT` as botocore
+    reads it, so the agent and boto3 always ask the same address."""
+    endpoint = env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "").strip().rstrip("/")
+    return f"{endpoint}/latest" if endpoint else IMDS_URL
+
+
+def instance_id(timeout: float = IMDS_TIMEOUT_S, base: str = IMDS_URL) -> str | None:
     """The EC2 instance id via IMDSv2 (token, then GET), or None on any failure."""
     try:
         token_req = urllib.request.Request(  # noqa: S310 - fixed link-local URL
-            f"{IMDS_URL}/api/token", method="PUT",
+            f"{base}/api/token", method="PUT",
             headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
         with urllib.request.urlopen(token_req, timeout=timeout) as answer:  # noqa: S310
             token = answer.read().decode()
         id_req = urllib.request.Request(  # noqa: S310
-            f"{IMDS_URL}/meta-data/instance-id", headers={"X-aws-ec2-metadata-token": token})
+            f"{base}/meta-data/instance-id", headers={"X-aws-ec2-metadata-token": token})
         with urllib.request.urlopen(id_req, timeout=timeout) as answer:  # noqa: S310
             value = answer.read().decode().strip()
     except (OSError, ValueError):
@@ -75,7 +82,7 @@ def discover_host(settings: Settings, env: Mapping[str, str]) -> str:
         if found:
             return found
     if settings.resource in (Resource.ENDPOINT, Resource.TRANSFORM) and imds_allowed(env):
-        found = instance_id()
+        found = instance_id(base=imds_url(env))
         if found:
             return found
         _log.info("instance_id_unavailable", fallback="hostname")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -40,6 +41,7 @@ BAD_VALUES = {
     "TELEMETRY_SHUTDOWN_TIMEOUT": "-1",
     "TELEMETRY_STOP_GRACE": "soon",
     "TELEMETRY_INSTANCE_COUNT": "0",
+    "TELEMETRY_MAX_MODELS": "0",
     "TELEMETRY_BUFFER_MB": "lots",
     "TELEMETRY_SPOOL_DIR": "spool",
     "TELEMETRY_SPOOL_MB": "0",
@@ -54,12 +56,13 @@ BAD_VALUES = {
     "TELEMETRY_LOG_RETENTION_DAYS": "10",
     "TELEMETRY_FAIL_OPEN": "perhaps",
     "TELEMETRY_LOG_LEVEL": "verbose",
+    "TELEMETRY_CUSTOM_SERIES": "-1",
 }
 
 
 class TestDefaults:
     def test_defaults_match_design(self) -> None:
-        """With no variables set, the defaults of DESIGN.md §3 apply."""
+        """With no variables set, the documented defaults apply."""
         s = load_settings({"AWS_CONFIG_FILE": "/nonexistent"})
         assert s.enabled and s.resource is Resource.ENDPOINT
         assert s.variant_name == "AllTraffic" and s.namespace == "SageMakerAgent"
@@ -218,3 +221,59 @@ class TestFuzz:
                 self._check(field.env, value)
 
         one()
+
+
+class TestUnknownVariables:
+    """A misspelt TELEMETRY_* variable is an error, not a silently ignored setting."""
+
+    def test_typo_named_with_the_closest_known_name(self) -> None:
+        with pytest.raises(ConfigError) as info:
+            load_settings({"TELEMETRY_INTERVALL": "7", "AWS_CONFIG_FILE": "/nonexistent"})
+        (problem,) = info.value.problems
+        assert problem.startswith("TELEMETRY_INTERVALL is not a known variable; "
+                                  "did you mean TELEMETRY_INTERVAL?")
+
+    def test_reported_with_every_other_error(self) -> None:
+        """Unknown names and bad values come in one ConfigError."""
+        env = {"TELEMETRY_LOGLEVEL": "debug", "TELEMETRY_SOMETHING_ELSE": "1",
+               "TELEMETRY_INTERVAL": "7", "AWS_CONFIG_FILE": "/nonexistent"}
+        with pytest.raises(ConfigError) as info:
+            load_settings(env)
+        message = str(info.value)
+        assert len(info.value.problems) == 3
+        assert "did you mean TELEMETRY_LOG_LEVEL?" in message
+        assert "TELEMETRY_SOMETHING_ELSE is not a known variable; no setting has a similar name" in message
+        assert "TELEMETRY_INTERVAL='7' is invalid" in message
+
+    def test_every_name_the_project_uses_is_known(self, tmp_path: Path) -> None:
+        """Names the agent sets for its child (TELEMETRY_HOOK_SOCKET) or reads besides the
+        settings (TELEMETRY_CONFIG), and every name the code and examples mention, are known:
+        a nested agent or the documented set-up never trips the check."""
+        root = Path(__file__).parent.parent
+        config = tmp_path / "t.toml"
+        config.write_text("")
+        assert load_settings({"TELEMETRY_HOOK_SOCKET": "/tmp/x/hooks.sock",
+                              "TELEMETRY_CONFIG": str(config), "AWS_CONFIG_FILE": "/nonexistent"})
+        known = {f.env for f in FIELDS} | {"TELEMETRY_CONFIG"}
+        sources = [*root.glob("agent/**/*.py"), *root.glob("examples/**/*"), *root.glob("bench/*.py"),
+                   root / "Dockerfile"]
+        used = set()
+        for path in sources:
+            if path.is_file() and path.suffix not in (".pyc", ".so"):
+                text = path.read_text(errors="replace")
+                used |= {m for m in re.findall(r"TELEMETRY_[A-Z0-9_]+", text) if not m.endswith("_")}
+        assert used and used <= known, sorted(used - known)
+
+    def test_cli_refuses_and_fail_open_runs(self, tmp_path: Path) -> None:
+        """`run` exits 2 naming the typo; with TELEMETRY_FAIL_OPEN=true the child runs anyway."""
+        marker = tmp_path / "ran"
+        env = base_env(tmp_path, TELEMETRY_INTERVALL="7")
+        done = run_agent(["touch", str(marker)], env)
+        assert done.returncode == 2 and not marker.exists()
+        assert b"did you mean TELEMETRY_INTERVAL?" in done.stderr
+        env["TELEMETRY_FAIL_OPEN"] = "true"
+        done = run_agent(["sh", "-c", "echo child-ran; exit 3"], env)
+        assert done.returncode == 3 and done.stdout == b"child-ran\n"
+        assert b"config_invalid_running_without_telemetry" in done.stderr
+        assert b"TELEMETRY_INTERVALL" in done.stderr
+

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import hashlib
 import os
+import pty
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import termios
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog.testing
 
+from agent import supervisor
 from tests.conftest import AGENT, agent_events, base_env, log_messages, run_agent
 
 PY = sys.executable
@@ -186,3 +195,218 @@ class TestReaping:
                               check=False)
         assert done.returncode == 0, done.stderr
         assert b"zombies 0 pid1 -m" in done.stdout
+
+
+ROOT = Path(__file__).parent.parent
+SAMPLE_SERVER = str(ROOT / "examples" / "sample_server.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ping(port: int) -> None:
+    """GET /ping once: answered means the server's main thread is in serve_forever (its
+    KeyboardInterrupt handling is in place), not just bound."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=20) as answer:  # noqa: S310
+        assert answer.status == 200
+
+
+def wait_for_stderr(proc: subprocess.Popen[bytes], expected: bytes, timeout: float = 30) -> bytes:
+    """Read the agent's stderr up to the line holding `expected`; return what was read."""
+    assert proc.stderr is not None
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        seen += line
+        if expected in line:
+            return seen
+        if not line:
+            break
+    raise AssertionError(f"{expected!r} never logged: {seen[-2000:]!r}")
+
+
+class TestInitSignals:
+    """The child runs in its own session, so a terminal's Ctrl-C reaches it once, via the agent."""
+
+    @pytest.mark.parametrize("attempt", range(5))
+    def test_sigint_to_the_whole_group_stops_sample_server_cleanly(
+            self, env: dict[str, str], attempt: int) -> None:
+        """SIGINT to the agent's process group (a terminal's Ctrl-C): server and agent exit 0,
+        no traceback (the child gets one SIGINT, not one from the group and one forwarded)."""
+        port = free_port()
+        env["SAGEMAKER_BIND_TO_PORT"] = str(port)
+        proc = start_agent([PY, SAMPLE_SERVER], env, start_new_session=True)
+        seen = wait_for_stderr(proc, b"listening on")
+        ping(port)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        stderr = seen + err
+        assert proc.returncode == 0, stderr[-3000:]
+        assert b"Traceback" not in stderr and b"KeyboardInterrupt" not in stderr, [
+            line for line in stderr.splitlines() if b"Traceback" in line]
+        assert b"stopped" in stderr  # the server's own clean-exit line
+        forwarded = [e for e in agent_events(stderr) if e["event"] == "signal_forwarded"]
+        assert [e["signal"] for e in forwarded] == ["SIGINT"]
+
+    def test_child_leads_its_own_session(self, env: dict[str, str]) -> None:
+        """The child is a session and process-group leader, apart from the agent's group."""
+        code = ("import os; print(os.getsid(0) == os.getpid(), os.getpgrp() == os.getpid(), "
+                "os.getpgrp() != os.getpgid(os.getppid()))")
+        done = run_agent([PY, "-c", code], env)
+        assert done.returncode == 0 and done.stdout == b"True True True\n", done.stderr
+
+    def test_ctrl_c_on_a_terminal(self, env: dict[str, str]) -> None:
+        """With a real terminal (a pty that is the agent's controlling terminal), Ctrl-C stops
+        the sample server once and cleanly; the child still reads the terminal (no SIGTTIN)."""
+        master, slave = pty.openpty()
+        port = free_port()
+        env["SAGEMAKER_BIND_TO_PORT"] = str(port)
+        server = ("import sys, runpy\n"
+                  "print('read from tty:', sys.stdin.readline().strip(), flush=True)\n"
+                  f"sys.argv = [{SAMPLE_SERVER!r}]\n"
+                  f"runpy.run_path({SAMPLE_SERVER!r}, run_name='__main__')\n")
+
+        proc = subprocess.Popen([*AGENT, "run", "--", PY, "-c", server], env=env, stdin=slave,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True, preexec_fn=take_terminal)
+        os.close(slave)
+        try:
+            os.write(master, b"hello-terminal\n")
+            wait_for_line(proc, b"read from tty: hello-terminal")
+            seen = wait_for_stderr(proc, b"listening on")
+            ping(port)
+            os.write(master, b"\x03")  # the line discipline sends SIGINT to the foreground group
+            _, err = proc.communicate(timeout=30)
+        finally:
+            os.close(master)
+        stderr = seen + err
+        assert proc.returncode == 0, stderr[-3000:]
+        assert b"Traceback" not in stderr
+        forwarded = [e for e in agent_events(stderr) if e["event"] == "signal_forwarded"]
+        assert [e["signal"] for e in forwarded] == ["SIGINT"]
+
+    def test_ctrl_z_stops_child_and_agent_and_fg_resumes_both(self, env: dict[str, str]) -> None:
+        """Ctrl-Z on the terminal stops the child too (its group is orphaned, so a plain
+        SIGTSTP would be discarded); SIGCONT (what `fg` sends) resumes both."""
+        master, slave = pty.openpty()
+        child = "import time\nprint('ready', flush=True)\nwhile True: time.sleep(0.05)\n"
+        proc = subprocess.Popen([*AGENT, "run", "--", PY, "-c", child], env=env, stdin=slave,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True, preexec_fn=take_terminal)
+        os.close(slave)
+        child_pid = 0
+        try:
+            wait_for_line(proc, b"ready")
+            seen = wait_for_stderr(proc, b"child_started")
+            child_pid = next(e["pid"] for e in agent_events(seen) if e["event"] == "child_started")
+            os.write(master, b"\x1a")  # Ctrl-Z: SIGTSTP to the foreground group (the agent)
+            wait_for_state(child_pid, "T")
+            wait_for_state(proc.pid, "T")
+            os.killpg(proc.pid, signal.SIGCONT)
+            wait_for_state(proc.pid, "RS")
+            wait_for_state(child_pid, "RS")
+            os.write(master, b"\x03")
+            proc.communicate(timeout=30)
+        finally:
+            os.close(master)
+            if proc.poll() is None:  # failed: leave nothing behind (the child has its own group)
+                proc.kill()
+                if child_pid:
+                    os.killpg(child_pid, signal.SIGKILL)
+        assert proc.returncode == 128 + signal.SIGINT  # the child's KeyboardInterrupt
+
+
+def take_terminal() -> None:
+    """Popen's preexec_fn, after setsid: the pty on stdin becomes the controlling terminal."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def wait_for_state(pid: int, states: str, timeout: float = 10) -> None:
+    """Until /proc says the process is in one of `states` (R running, S sleeping, T stopped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as stat:
+            if stat.read().rsplit(")", 1)[1].split()[0] in states:
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"{pid} never reached state {states}")
+
+
+
+class TestStartup:
+    def test_sigterm_while_starting_is_not_lost(self, tmp_path: Path) -> None:
+        """A SIGTERM that arrives before the child runs is held and forwarded to it: the agent
+        shuts down cleanly and promptly instead of dying half-started or running on."""
+        imds = socket.socket()
+        imds.bind(("127.0.0.1", 0))
+        imds.listen()
+        env = base_env(tmp_path, AWS_EC2_METADATA_DISABLED="false",
+                       AWS_EC2_METADATA_SERVICE_ENDPOINT=f"http://127.0.0.1:{imds.getsockname()[1]}")
+        del env["TELEMETRY_HOST"]  # so the agent asks the (fake, silent) metadata service
+        child = ("import signal, sys, time\n"
+                 "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\ntime.sleep(60)\n")
+        started = time.monotonic()
+        proc = start_agent([PY, "-c", child], env)
+        conn, _ = imds.accept()  # the agent is starting: it waits for the instance id
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        conn.close()
+        imds.close()
+        events = [e["event"] for e in agent_events(err)]
+        # 143: the child died of the SIGTERM before its handler was set; 0: the handler ran.
+        assert proc.returncode in (0, 128 + signal.SIGTERM), err[-2000:]
+        assert "child_started" in events and events[-1] == "agent_stopped"
+        assert time.monotonic() - started < 30  # not the child's 60 s
+
+    def test_child_started_is_logged_before_child_exited(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A child that is gone by the time the agent looks still logs started, then exited."""
+        real_popen = subprocess.Popen
+
+        def popen_then_wait_for_exit(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+            child = real_popen(*args, **kwargs)
+            os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+            return child
+
+        monkeypatch.setattr(supervisor.subprocess, "Popen", popen_then_wait_for_exit)
+
+        async def scenario() -> int:
+            sup = supervisor.Supervisor(["true"], dict(os.environ), stop_grace=5)
+            fds = sup.start()
+            code = await sup.wait()
+            for fd in fds:
+                os.close(fd)
+            return code
+
+        with structlog.testing.capture_logs() as logs:
+            assert asyncio.run(scenario()) == 0
+        events = [e["event"] for e in logs]
+        assert events.index("child_started") < events.index("child_exited"), events
+
+    def test_script_without_shebang_is_126(self, env: dict[str, str], tmp_path: Path) -> None:
+        """An executable file the kernel cannot run (ENOEXEC: no `#!`) exits 126 like a shell,
+        with a log line and no traceback."""
+        script = tmp_path / "script-without-shebang"
+        script.write_text("echo hi\n")
+        script.chmod(0o755)
+        done = run_agent([str(script)], env)
+        assert done.returncode == 126, done.stderr[-2000:]
+        assert b"Traceback" not in done.stderr
+        assert any(e["event"] == "child_not_executable" for e in agent_events(done.stderr))
+        env["TELEMETRY_ENABLED"] = "false"  # the plain exec path too
+        done = run_agent([str(script)], env)
+        assert done.returncode == 126 and b"Traceback" not in done.stderr, done.stderr
+
+    def test_hook_socket_directory_removed(self, env: dict[str, str], tmp_path: Path) -> None:
+        """The private directory made for the hook socket is gone after the run."""
+        tmp = tmp_path / "tmp"
+        tmp.mkdir()
+        env["TMPDIR"] = str(tmp)
+        code = "import os; print(os.path.exists(os.environ['TELEMETRY_HOOK_SOCKET']))"
+        done = run_agent([PY, "-c", code], env)
+        assert done.returncode == 0 and done.stdout == b"True\n", done.stderr
+        assert list(tmp.iterdir()) == []
