@@ -121,14 +121,16 @@ def main() -> None:
     host = os.environ.get("SAMPLE_SERVER_HOST", "127.0.0.1")
     port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080"))
     ThreadingHTTPServer.request_queue_size = 1024  # the default 5 refuses bursts
-    server = ThreadingHTTPServer((host, port), Handler)
-    log.info("listening on %s:%d", host, port)
-    try:
+    server = None
+    try:  # a Ctrl-C at any moment, even while starting, is a clean stop
+        server = ThreadingHTTPServer((host, port), Handler)
+        log.info("listening on %s:%d", host, port)
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        if server is not None:
+            server.server_close()
         log.info("stopped")
 
 
