@@ -6,17 +6,23 @@ infinity, one namespace per call. The body size is measured, not estimated: each
 datum is serialized exactly as botocore's JSON protocol does (`json.dumps` with its
 default separators, timestamps as integer epoch seconds; a test compares with
 botocore's own serializer), and a request is cut before it would pass the budget.
+
+An interval's custom (StatsD) figures become datums of their own (`datums(...,
+custom=True)`) so that they are sent in calls of their own: a custom metric can
+never cost SageMaker's figures their call. Every figure was checked against
+CloudWatch's rules when it entered aggregation; `datum_problem` checks the finished
+datum once more, as a last guard (a datum that fails it is a bug of the agent).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.aggregate import ClosedInterval, MetricKey, Statistic
+from agent.model import ClosedInterval, MetricKey, Statistic
+from agent.rules.validation import key_problem, number_problem
 
 MAX_DATUMS = 1000
 # 1 MB is the documented limit (measured on the uncompressed body by the CloudWatch
@@ -28,11 +34,14 @@ MAX_DIMENSIONS = 30
 Datum = dict[str, Any]
 
 
-def datums(interval: ClosedInterval, *, high_resolution: bool) -> dict[str, list[Datum]]:
-    """PutMetricData datums for one interval, grouped by namespace."""
+def datums(interval: ClosedInterval, *, high_resolution: bool, custom: bool = False
+           ) -> dict[str, list[Datum]]:
+    """PutMetricData datums for one interval, grouped by namespace: SageMaker's figures, or
+    with `custom` the custom ones (which must not share a call with them)."""
     stamp = datetime.fromtimestamp(interval.start, UTC)
     out: dict[str, list[Datum]] = {}
-    for key, stat in sorted(interval.stats.items(), key=lambda kv: kv[0]):
+    stats = interval.custom if custom else interval.stats
+    for key, stat in sorted(stats.items(), key=lambda kv: kv[0]):
         if stat.count <= 0:
             continue
         out.setdefault(key.namespace, []).extend(
@@ -64,13 +73,27 @@ def _datums_for(key: MetricKey, stat: Statistic, stamp: datetime, high_resolutio
         yield {**base, "Values": [v for v, _ in part], "Counts": [c for _, c in part]}
 
 
-def finite(datum: Datum) -> bool:
-    """No NaN or infinity anywhere in the datum (the API rejects them)."""
-    numbers = list(datum.get("Values", []))
+def datum_problem(namespace: str, datum: Datum) -> str | None:
+    """Why the API would refuse this finished datum, or None: its name, dimensions and unit
+    (`key_problem`) and every number within the API's range (`number_problem`)."""
+    key = MetricKey(namespace, datum["MetricName"],
+                    tuple((d["Name"], d["Value"]) for d in datum.get("Dimensions", ())),
+                    datum.get("Unit", "None"))
+    problem = key_problem(key)
+    if problem is not None:
+        return problem
+    numbers = list(datum.get("Values", ())) + list(datum.get("Counts", ()))
     numbers += list(datum.get("StatisticValues", {}).values())
     if "Value" in datum:
         numbers.append(datum["Value"])
-    return all(math.isfinite(n) for n in numbers)
+    for number in numbers:
+        problem = number_problem(number)
+        if problem is not None:
+            return problem
+    if any(count < 0 for count in datum.get("Counts", ())) or len(
+            datum.get("Values", ())) > MAX_VALUES_PER_DATUM:
+        return "counts"
+    return None
 
 
 def _json_size(datum: Datum) -> int:

@@ -5,10 +5,18 @@ separated by newlines, types c (counter), g (gauge), ms / h / d (timer,
 histogram, distribution: all kept as distributions). Anything else is
 counted as malformed and skipped: a bad line never stops the others.
 
+A gauge value with a sign (`+3`, `-2`) changes the gauge by that much, as in
+StatsD (`Sample.delta`); to set a negative gauge, set it to 0 first. A sample
+rate (`@0.1`) scales counters (value / rate) and weighs timer values (each
+stands for 1 / rate samples); gauges ignore it.
+
 The hooks speak the same language. `sagemaker.invocation:<model ms>|ms|#status:<code>`
 (optionally `container_ms:<ms>`) is one whole /invocations request; the
 SageMaker names (`ModelLatency`, `Invocations`, ...) in milliseconds or counts
-map onto the invocation metrics; every other name is a custom metric.
+map onto the invocation metrics; every other name is a custom metric. A
+latency name (`ModelLatency`, ...) takes timer values only (`|ms`, `|h` or `|d`)
+and all three are read as milliseconds, the unit StatsD timers and the hooks use:
+`ModelLatency:12|d` is 12 ms like `ModelLatency:12|ms` (`latency_us`).
 
 The hooks send their per-process tally in a compact form of that line, several
 values like DogStatsD's `name:v1:v2|ms`, each value one or more requests:
@@ -27,11 +35,14 @@ import math
 from typing import NamedTuple
 
 from agent.model import RequestRecord
+from agent.rules.validation import MAX_VALUE
 
 INVOCATION = "sagemaker.invocation"
 MAX_RECORDS = 1_000_000  # requests one compact line may stand for
 MAX_NAME = 255
 MAX_TAGS = 10  # CloudWatch allows 30 dimensions; keep custom metrics far below
+# RequestRecord's fields after the first three, at their defaults (a plain invocation).
+_RECORD_DEFAULTS = tuple(RequestRecord._field_defaults[f] for f in RequestRecord._fields[3:])
 _TYPES = {"c": ("c", "Count"), "g": ("g", "None"), "ms": ("d", "Milliseconds"),
           "h": ("d", "None"), "d": ("d", "None")}
 
@@ -45,6 +56,7 @@ class Sample(NamedTuple):
     unit: str
     rate: float
     tags: tuple[tuple[str, str], ...]
+    delta: bool = False  # a gauge given as +N / -N: a change, not a new value
 
 
 def parse_datagram(data: bytes) -> tuple[list[Sample], int]:
@@ -126,7 +138,7 @@ def parse_invocations(line: str) -> list[RequestRecord] | None:
     if not 100 <= status <= 599:
         return None
     default_us = None if default_container is None else default_container * 1000.0
-    if default_us is not None and not 0.0 <= default_us < math.inf:
+    if default_us is not None and not 0.0 <= default_us <= MAX_VALUE:
         return None
     make = tuple.__new__  # RequestRecord(...) costs twice as much: this runs per request
     records: list[RequestRecord] = []
@@ -146,16 +158,16 @@ def parse_invocations(line: str) -> list[RequestRecord] | None:
                 model_text, _, container_text = item.partition("/")
                 model = float(model_text) * 1000.0
                 container = float(container_text) * 1000.0
-                if not 0.0 <= container < math.inf:
+                if not 0.0 <= container <= MAX_VALUE:
                     return None
             else:
                 model = float(item) * 1000.0
                 container = default_us
         except ValueError:
             return None
-        if not 0.0 <= model < math.inf:
+        if not 0.0 <= model <= MAX_VALUE:
             return None
-        one = make(RequestRecord, (status, container, model))
+        one = make(RequestRecord, (status, container, model, *_RECORD_DEFAULTS))
         if count == 1:
             append(one)
         else:
@@ -176,12 +188,14 @@ def parse_line(line: str) -> Sample | None:
     if parts[1] not in _TYPES:
         return None
     kind, unit = _TYPES[parts[1]]
+    text = parts[0]
     try:
-        value = float(parts[0])
+        value = float(text)
     except ValueError:
         return None
     if not math.isfinite(value):
         return None
+    delta = kind == "g" and text[:1] in ("+", "-")
     rate, tags = 1.0, ()
     for part in parts[2:]:
         if part.startswith("@"):
@@ -195,7 +209,7 @@ def parse_line(line: str) -> Sample | None:
             tags = _tags(part[1:])
             if tags is None:
                 return None
-    return Sample(name, value, kind, unit, rate, tags)
+    return Sample(name, value, kind, unit, rate, tags, delta)
 
 
 def _tags(text: str) -> tuple[tuple[str, str], ...] | None:
@@ -212,14 +226,27 @@ def _tags(text: str) -> tuple[tuple[str, str], ...] | None:
     return tuple(sorted(out))
 
 
+def latency_us(sample: Sample) -> float | None:
+    """A sample for a SageMaker latency name (`ModelLatency`, ...) in microseconds, or None
+    when it is not a timer (`|c`, `|g`: not a latency). `|ms`, `|h` and `|d` are all
+    milliseconds: StatsD timers are, the hooks send milliseconds, and a client library's
+    `distribution` or `histogram` of a latency means the same figure."""
+    if sample.kind != "d":
+        return None
+    return sample.value * 1000.0
+
+
 def invocation_record(sample: Sample) -> RequestRecord | None:
-    """A `sagemaker.invocation` sample as a request record (None if its tags are wrong)."""
+    """A `sagemaker.invocation` sample as a request record (None if its tags are wrong or a
+    latency is negative or beyond what CloudWatch takes)."""
     tags = dict(sample.tags)
     try:
         status = int(tags.get("status", "200"))
         container = float(tags["container_ms"]) * 1000 if "container_ms" in tags else None
     except ValueError:
         return None
-    if not 100 <= status <= 599 or sample.value < 0 or (container is not None and container < 0):
+    model = sample.value * 1000
+    if not 100 <= status <= 599 or not 0 <= model <= MAX_VALUE or (
+            container is not None and not 0 <= container <= MAX_VALUE):
         return None
-    return RequestRecord(status, container, sample.value * 1000)
+    return RequestRecord(status, container, model)

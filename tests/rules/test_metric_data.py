@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import boto3
 
-from agent.aggregate import Aggregator, MetricKey
+from agent.aggregation.aggregator import Aggregator, MetricKey
 from agent.rules.metric_data import (
     MAX_BODY_BYTES,
     MAX_DATUMS,
     MAX_VALUES_PER_DATUM,
+    datum_problem,
     datums,
     split_metric_data,
 )
@@ -74,3 +75,29 @@ class TestSplit:
         assert all(len(b) <= MAX_DATUMS for b in batches)
         # Packed tightly: every call but the last is at least 90 % full.
         assert all(size >= 0.9 * MAX_BODY_BYTES for size in sizes[:-1])
+
+
+class TestCustomApart:
+    def test_custom_figures_make_datums_of_their_own(self) -> None:
+        """`datums` gives SageMaker's figures, or with `custom=True` the custom ones: never
+        both from one call, so a custom metric cannot cost Invocations their call."""
+        agg = Aggregator(60)
+        agg.close(60.0)
+        sagemaker = MetricKey("NS", "Invocations", (("EndpointName", "e"),), "None")
+        agg.add(sagemaker, 1.0, 61.0)
+        agg.add(sagemaker._replace(name="queue_depth"), 3.0, 61.0, custom=True)
+        (closed,) = agg.close(121.0)
+        assert [d["MetricName"] for d in datums(closed, high_resolution=False)["NS"]] == [
+            "Invocations"]
+        assert [d["MetricName"] for d in datums(closed, high_resolution=False,
+                                                custom=True)["NS"]] == ["queue_depth"]
+
+    def test_last_guard_names_what_the_api_would_refuse(self) -> None:
+        """`datum_problem` checks a finished datum against the API's own bounds."""
+        good = {"MetricName": "m", "Unit": "Count", "Dimensions": [{"Name": "d", "Value": "v"}],
+                "StatisticValues": {"SampleCount": 1, "Sum": 1e100, "Minimum": 0, "Maximum": 1}}
+        assert datum_problem("NS", good) is None
+        assert datum_problem("NS", {**good, "StatisticValues": {
+            **good["StatisticValues"], "Sum": 1e200}}) == "value_too_large"
+        assert datum_problem("NS", {**good, "Values": [1e-200], "Counts": [1]}) == "value_too_small"
+        assert datum_problem("NS", {**good, "MetricName": "é"}) == "metric_name_charset"

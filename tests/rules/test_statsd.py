@@ -5,16 +5,59 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.rules.statsd import Sample, parse_datagram, parse_line
+from agent.model import RequestRecord
+from agent.rules.statsd import (
+    MAX_RECORDS,
+    Sample,
+    invocation_record,
+    latency_us,
+    parse_datagram,
+    parse_invocations,
+    parse_line,
+    split_datagram,
+)
 
 
 def test_forms() -> None:
     assert parse_line("hits:3|c") == Sample("hits", 3.0, "c", "Count", 1.0, ())
     assert parse_line("lat:12.5|ms|@0.1|#b:2,a:1") == Sample(
         "lat", 12.5, "d", "Milliseconds", 0.1, (("a", "1"), ("b", "2")))
-    assert parse_line("temp:-4|g|#flag") == Sample("temp", -4.0, "g", "None", 1.0,
-                                                   (("flag", "true"),))
+    assert parse_line("temp:4|g|#flag") == Sample("temp", 4.0, "g", "None", 1.0,
+                                                  (("flag", "true"),))
     assert parse_line("size:10|h").kind == "d"  # type: ignore[union-attr]
+
+
+def test_signed_gauges_are_deltas() -> None:
+    """`+N` / `-N` on a gauge change it (StatsD); a bare number sets it; counters and timers
+    keep their sign as a plain value."""
+    assert parse_line("temp:-4|g") == Sample("temp", -4.0, "g", "None", 1.0, (), delta=True)
+    assert parse_line("temp:+2.5|g") == Sample("temp", 2.5, "g", "None", 1.0, (), delta=True)
+    assert parse_line("temp:7|g").delta is False  # type: ignore[union-attr]
+    assert parse_line("hits:-1|c").delta is False  # type: ignore[union-attr]
+
+
+def test_latency_timers_are_milliseconds_whatever_the_type() -> None:
+    """`ModelLatency:12|d` and `|h` are 12 ms like `|ms` (12,000 µs); a counter or gauge is
+    not a latency."""
+    for line in ("ModelLatency:12|ms", "ModelLatency:12|d", "ModelLatency:12|h"):
+        sample = parse_line(line)
+        assert sample is not None and latency_us(sample) == 12_000.0, line
+    for line in ("ModelLatency:12|c", "ModelLatency:12|g"):
+        sample = parse_line(line)
+        assert sample is not None and latency_us(sample) is None, line
+
+
+def test_invocations_beyond_cloudwatch_range_are_refused() -> None:
+    """A request whose latency CloudWatch could not store is refused, not recorded."""
+    for line in ("sagemaker.invocation:1e300|ms", "sagemaker.invocation:1|ms|#container_ms:1e300",
+                 "sagemaker.invocation:1|ms|#container_ms:nan"):
+        sample = parse_line(line)
+        assert sample is not None and invocation_record(sample) is None, line
+    ok = parse_line("sagemaker.invocation:2.5|ms|#status:404,container_ms:3")
+    assert ok is not None and invocation_record(ok) == RequestRecord(404, 3000.0, 2500.0)
+    assert parse_invocations("sagemaker.invocation:1:1e300|ms") is None
+    assert parse_invocations("sagemaker.invocation:1/1e300|ms") is None
+    assert parse_invocations("sagemaker.invocation:1|ms|#container_ms:1e300") is None
 
 
 def test_malformed() -> None:
@@ -40,9 +83,6 @@ def test_never_raises_on_any_text(text: str) -> None:
 
 
 # -- the hooks' compact tally lines ----------------------------------------------------------
-
-from agent.model import RequestRecord  # noqa: E402
-from agent.rules.statsd import MAX_RECORDS, parse_invocations, split_datagram  # noqa: E402
 
 
 def test_compact_invocation_lines_expand_to_one_record_per_request() -> None:
