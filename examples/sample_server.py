@@ -36,6 +36,9 @@ def model() -> object:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Head and body are separate writes: without TCP_NODELAY a kept-alive client waits
+    # ~40 ms for the delayed ACK on every request (Nagle).
+    disable_nagle_algorithm = True
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         if urlparse(self.path).path == "/ping":
