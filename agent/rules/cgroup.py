@@ -54,6 +54,21 @@ def cpu_percent(usage_delta_ns: float, wall_delta_ns: float) -> float:
     return max(0.0, usage_delta_ns / wall_delta_ns * 100.0)
 
 
+def proc_stat_busy_ticks(first_line: str) -> int | None:
+    """/proc/stat's `cpu` line -> non-idle time in clock ticks, summed over cores:
+    user + nice + system + irq + softirq + steal (guest time is already inside user and
+    nice; idle and iowait are not busy). None when the line is not a `cpu` line."""
+    fields = first_line.split()
+    if len(fields) < 5 or fields[0] != "cpu":
+        return None
+    try:
+        values = [int(v) for v in fields[1:9]] + [0] * 8
+    except ValueError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
+    return user + nice + system + irq + softirq + steal
+
+
 def parse_flat_keyed(text: str) -> dict[str, int]:
     """`key value` lines (cpu.stat, memory.stat, memory.events) -> dict."""
     out: dict[str, int] = {}

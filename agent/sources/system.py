@@ -14,10 +14,13 @@ from pathlib import Path
 
 import psutil
 
-from agent.model import SystemReading
+from agent.model import CpuCounters, SystemReading
 from agent.rules import cgroup
 
 DEFAULT_CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_STAT = Path("/proc/stat")
+# /proc/stat counts in clock ticks (USER_HZ, 100 a second on Linux).
+TICK_NS = 1e9 / os.sysconf("SC_CLK_TCK")
 
 
 def _read(path: Path) -> str | None:
@@ -120,28 +123,41 @@ class SystemSampler:
     Args:
         cgroups: the cgroup reader.
         disk_path: the filesystem measured by DiskUtilization, or None.
+        proc_stat: /proc/stat (a parameter for tests).
     """
 
-    def __init__(self, cgroups: CgroupReader, disk_path: Path | None) -> None:
+    def __init__(self, cgroups: CgroupReader, disk_path: Path | None, *,
+                 proc_stat: Path = PROC_STAT) -> None:
         self._cg = cgroups
         self._disk = disk_path
+        self._proc_stat = proc_stat
         self._host_cores = psutil.cpu_count() or 1
-        self._last: tuple[float, int | None, float] | None = None
+        self._last: tuple[int, CpuCounters] | None = None
         self.samples = 0
 
-    def sample(self) -> SystemReading:
-        """Read everything once (blocking file reads: call it off the event loop)."""
-        now_ns = time.monotonic_ns()
+    def counters(self) -> CpuCounters:
+        """The cumulative CPU counters now: two small file reads (about 50 us), cheap
+        enough for the event loop once per interval."""
         usage = self._cg.cpu_usage_ns()
-        host_busy = _host_busy_seconds()
-        cpu_container = cpu_host = None
+        busy = _host_busy_ns(self._proc_stat)
+        return CpuCounters(time.time(), usage, busy)
+
+    def sample(self) -> SystemReading:
+        """Read everything once (blocking file reads: call it off the event loop).
+
+        The CPU counters are read first, so the reading's `timestamp` is the moment they
+        describe (the sampler schedules that moment on the wall clock's seconds)."""
+        now_ns = time.monotonic_ns()
+        counters = self.counters()
+        cpu_container = cpu_host = window = None
         if self._last is not None:
-            last_ns, last_usage, last_busy = self._last
+            last_ns, last = self._last
             wall = now_ns - last_ns
-            if usage is not None and last_usage is not None:
-                cpu_container = cgroup.cpu_percent(usage - last_usage, wall)
-            cpu_host = cgroup.cpu_percent((host_busy - last_busy) * 1e9, wall)
-        self._last = (now_ns, usage, host_busy)
+            window = wall / 1e9
+            if counters.cgroup_ns is not None and last.cgroup_ns is not None:
+                cpu_container = cgroup.cpu_percent(counters.cgroup_ns - last.cgroup_ns, wall)
+            cpu_host = cgroup.cpu_percent(counters.host_busy_ns - last.host_busy_ns, wall)
+        self._last = (now_ns, counters)
 
         vm = psutil.virtual_memory()
         host_used = vm.total - vm.available
@@ -157,8 +173,8 @@ class SystemSampler:
         periods, throttled = self._cg.throttling()
         self.samples += 1
         return SystemReading(
-            timestamp=time.time(),
-            cpu_container_pct=cpu_container if usage is not None else cpu_host,
+            timestamp=counters.wall,
+            cpu_container_pct=cpu_container if counters.cgroup_ns is not None else cpu_host,
             cpu_host_pct=cpu_host,
             cores_container=cgroup.effective_cores(self._cg.cpu_quota(), self._cg.cpuset(),
                                                    self._host_cores),
@@ -168,15 +184,24 @@ class SystemSampler:
             disk_used=disk_used, disk_size=disk_size,
             throttled_periods=periods, throttled_seconds=throttled,
             oom_kills=self._cg.oom_kills(),
+            counters=counters, window_s=window,
         )
 
 
-def _host_busy_seconds() -> float:
-    """CPU seconds spent not idle, summed over all cores (/proc/stat)."""
+def _host_busy_ns(proc_stat: Path) -> float:
+    """CPU time spent not idle, summed over all cores (/proc/stat's first line), in ns;
+    psutil's figure when the file cannot be parsed."""
+    try:
+        with proc_stat.open() as f:
+            ticks = cgroup.proc_stat_busy_ticks(f.readline())
+    except OSError:
+        ticks = None
+    if ticks is not None:
+        return ticks * TICK_NS
     t = psutil.cpu_times()
     idle = t.idle + getattr(t, "iowait", 0.0)
     total = sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
-    return total - idle
+    return (total - idle) * 1e9
 
 
 def default_disk_path() -> Path:

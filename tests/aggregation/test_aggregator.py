@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import math
 
-from agent.aggregate import MAX_DISTINCT_VALUES, Aggregator, MetricKey, round_relative
+import structlog
+
+from agent.aggregation.aggregator import (
+    MAX_DISTINCT_VALUES,
+    Aggregator,
+    MetricKey,
+    round_relative,
+)
 
 KEY = MetricKey("NS", "CPUUtilization", (("Host", "h"),), "Percent")
 
@@ -52,3 +59,51 @@ class TestAggregator:
         assert sum(stat.values.values()) == MAX_DISTINCT_VALUES * 3
         for value in (1.0, 37.5, 1234.5, 9.9e6):
             assert abs(round_relative(value) - value) / value <= 0.005
+
+    def test_interval_just_published_is_not_published_again(self) -> None:
+        """A figure for the interval that was just closed is late: counted, never re-opened
+        (it used to be published a second time at the next close)."""
+        agg = Aggregator(60)
+        agg.close(60.0)
+        agg.add(KEY, 1.0, 61.0)
+        (first,) = agg.close(121.0)
+        assert first.start == 60 and first.stats[KEY].count == 1
+        assert not agg.add(KEY, 2.0, 119.0)  # 60..120, already published
+        agg.merge(60, [(KEY, (3.0, 4), False)])  # a tally for it too: 4 figures
+        assert agg.late == 5
+        closed = agg.close(181.0)
+        assert [c.start for c in closed] == [120] and not closed[0].stats
+
+    def test_late_after_forced_close(self) -> None:
+        """After the shutdown close, the interval it published takes nothing more."""
+        agg = Aggregator(60)
+        agg.close(60.0)
+        agg.add(KEY, 1.0, 61.0)
+        assert [c.start for c in agg.close(70.0, force=True)] == [60]
+        assert not agg.add(KEY, 1.0, 71.0) and agg.late == 1
+        assert all(not c.stats for c in agg.close(200.0, force=True))
+
+    def test_custom_figures_kept_apart(self) -> None:
+        """Custom (StatsD) figures close into `custom`, never into SageMaker's `stats`."""
+        agg = Aggregator(60)
+        custom = KEY._replace(name="queue_depth")
+        agg.add(KEY, 1.0, 61.0)
+        agg.add(custom, 5.0, 61.0, custom=True)
+        (closed,) = agg.close(121.0)
+        assert list(closed.stats) == [KEY] and list(closed.custom) == [custom]
+
+    def test_refusals_logged_with_an_example_at_most_once_a_minute(self) -> None:
+        """10,000 refused figures make one log line per reason and minute, with an example
+        whose control and non-ASCII characters are escaped."""
+        agg = Aggregator(60)
+        bad = KEY._replace(name="b\u00e4d\x07")
+        with structlog.testing.capture_logs() as logs:
+            for i in range(10_000):
+                agg.add(bad, 1.0, 100.0 + i * 0.001)
+                agg.add(KEY, 1e300, 100.0 + i * 0.001)
+            agg.add(bad, 1.0, 161.0)
+        lines = [e for e in logs if e["event"] == "metric_datum_rejected"]
+        assert [e["reason"] for e in lines] == [
+            "metric_name_charset", "value_too_large", "metric_name_charset"]
+        assert lines[0]["example"]["name"] == "b\\xe4d\\x07" and lines[2]["rejected"] == 10_001
+        assert agg.counters()["datums_rejected"] == 20_001

@@ -133,6 +133,29 @@ class TestFakeTrees:
         assert reading.throttled_periods == 4 and reading.throttled_seconds == 2.5
         assert reading.oom_kills == 1
 
+    def test_counters_carried_with_the_reading(self, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+        """cgroup v2: each reading carries the cumulative counters its rates come from (cgroup
+        usage in ns, /proc/stat busy ticks in ns), read at its timestamp, and the window the
+        rates cover; `counters()` reads the same counters alone."""
+        root = tree(tmp_path, V2)
+        stat = tmp_path / "stat"
+        stat.write_text("cpu  100 20 30 5000 7 1 2 3 40 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
+        clock = FakeClock(monkeypatch)
+        sampler = SystemSampler(CgroupReader(root, {"": "/"}), None, proc_stat=stat)
+        first = sampler.sample()
+        tick_ns = 1e9 / os.sysconf("SC_CLK_TCK")
+        assert first.counters == (clock.time(), 1_000_000_000, (100 + 20 + 30 + 1 + 2 + 3) * tick_ns)
+        assert first.timestamp == clock.time() and first.window_s is None
+        clock.advance(0.5)
+        (root / "cpu.stat").write_text("usage_usec 1250000\n")
+        stat.write_text("cpu  150 20 30 5050 7 1 2 3 40 0\n")
+        second = sampler.sample()
+        assert second.window_s == pytest.approx(0.5)
+        assert second.cpu_container_pct == pytest.approx(50.0)  # 0.25 s over 0.5 s
+        assert second.cpu_host_pct == pytest.approx(50 * tick_ns / 0.5e9 * 100)
+        assert sampler.counters() == second.counters
+
     def test_nested_own_path(self, tmp_path: Path) -> None:
         """The process's own cgroup (from /proc/self/cgroup) is read when it is visible."""
         tree(tmp_path, {"cgroup.controllers": "cpu", **{f"kubepods/pod1/{k}": v for k, v in V2.items()}})
