@@ -2,8 +2,7 @@
 
     AgentError
     ├── ConfigError       bad configuration; lists every bad key at once
-    ├── DeliveryError     an AWS call failed; `retryable` says whether to try again
-    └── SourceError       a source could not read what it measures
+    └── DeliveryError     an AWS call failed; `retryable` says whether to try again
 """
 
 from __future__ import annotations
@@ -56,7 +55,3 @@ class DeliveryError(AgentError):
     def throttled(self) -> bool:
         """Whether the service asked us to slow down."""
         return self.kind == "throttled"
-
-
-class SourceError(AgentError):
-    """A source could not read what it measures (a missing cgroup file, NVML...)."""

@@ -82,6 +82,10 @@ def exit_code(status: int) -> int:
     return 128 - code if code < 0 else code
 
 
+def _ignore() -> None:
+    """A stop signal after the child exited: the agent is already stopping."""
+
+
 class Supervisor:
     """Spawns and supervises one child.
 
@@ -96,8 +100,7 @@ class Supervisor:
         self.env = dict(env)
         self.stop_grace = stop_grace
         self.process: subprocess.Popen[bytes] | None = None
-        self.reaped_orphans = 0
-        self.stop_requested = asyncio.Event()
+        self.orphans_reaped = 0
         self._status: asyncio.Future[int] | None = None
         self._kill_timer: asyncio.TimerHandle | None = None
         self._pid1 = os.getpid() == 1
@@ -150,10 +153,12 @@ class Supervisor:
         self._restore_signals()
         return code
 
+    def counters(self) -> dict[str, int]:
+        """As PID 1, the orphans re-parented to the agent and reaped."""
+        return {"orphans_reaped": self.orphans_reaped}
+
     def _forward(self, sig: signal.Signals) -> None:
         if self.process is None or self.process.returncode is not None:
-            if sig in STOPPING:
-                self.stop_requested.set()
             return
         try:
             os.kill(self.process.pid, sig)
@@ -161,7 +166,6 @@ class Supervisor:
             return
         _log.info("signal_forwarded", signal=sig.name, pid=self.process.pid)
         if sig in STOPPING:
-            self.stop_requested.set()
             if self._kill_timer is None:
                 loop = asyncio.get_running_loop()
                 self._kill_timer = loop.call_later(self.stop_grace, self._kill)
@@ -221,7 +225,7 @@ class Supervisor:
                 if not self._pid1:
                     return
             else:
-                self.reaped_orphans += 1
+                self.orphans_reaped += 1
 
     def _watch_pidfd(self, loop: asyncio.AbstractEventLoop, pid: int) -> None:
         """Reap as soon as the child exits, without SIGCHLD (Linux ≥ 5.3 pidfds); with no
@@ -249,6 +253,8 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in FORWARDED:
             loop.remove_signal_handler(sig)
-            loop.add_signal_handler(sig, self.stop_requested.set)
+            # The agent is flushing: a second SIGTERM must not cut that short (SageMaker's
+            # SIGKILL ends it if it overruns).
+            loop.add_signal_handler(sig, _ignore)
         for sig in (*JOB_CONTROL, signal.SIGCONT):
             loop.remove_signal_handler(sig)

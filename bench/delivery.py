@@ -1,6 +1,6 @@
 """Delivery through boto3 to a local moto server, against a packed boto3 loop in the same run.
 
-DESIGN §9: lines/s delivered through boto3 to a local moto ≥ a packed boto3 loop
+Target: lines/s delivered through boto3 to a local moto ≥ a packed boto3 loop
 (the best a hand-written shipper can do: batches pre-built to the limits, sent
 back to back); log batches ≥ 90 % of 1 MiB under load; PutMetricData calls per
 interval = ceil(datums / 1000) within 1 MB.
@@ -17,7 +17,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from agent.aggregate import Aggregator, MetricKey
+from agent.aggregation.aggregator import Aggregator, MetricKey
 from agent.model import LogEvent
 from agent.rules.batching import LOG_BATCH_MAX_BYTES, log_batch_params, take_log_batch
 from agent.rules.metric_data import datums, request_size, split_metric_data

@@ -79,7 +79,7 @@ class Seen:
     body: Any
     wire_bytes: int
     raw_bytes: int
-    answer: str  # "forwarded", "throttled", "503", "invalid", "slow"
+    answer: str  # "forwarded", "throttled", "503", "invalid", "auth", "denied", "slow"
 
 
 @dataclass
@@ -92,6 +92,7 @@ class Faults:
     slow_count: int = 0           # how many requests to slow down (then normal)
     invalid_api: str | None = None  # answer this API once with InvalidParameterException
     reject_credentials: bool = False  # answer everything 400 UnrecognizedClientException
+    deny_apis: frozenset[str] = frozenset()  # answer these APIs 400 AccessDeniedException
     apis: frozenset[str] = frozenset({"PutLogEvents", "PutMetricData"})
 
 
@@ -168,6 +169,8 @@ class FaultProxy:
             verdict = "503"
         elif faults.reject_credentials:
             verdict = "auth"
+        elif api in faults.deny_apis:
+            verdict = "denied"
         elif faults.invalid_api == api:
             faults.invalid_api = None
             verdict = "invalid"
@@ -180,9 +183,10 @@ class FaultProxy:
         cbor = "cbor" in headers.get("content-type", "")
         if verdict == "503":
             return _response(503, b"Service Unavailable", "text/plain")
-        if verdict in ("throttled", "invalid", "auth"):
+        if verdict in ("throttled", "invalid", "auth", "denied"):
             code = {"throttled": "ThrottlingException", "invalid": "InvalidParameterException",
-                    "auth": "UnrecognizedClientException"}[verdict]
+                    "auth": "UnrecognizedClientException",
+                    "denied": "AccessDeniedException"}[verdict]
             error = {"__type": f"com.amazonaws#{code}", "message": f"injected {verdict}"}
             payload = cbor2.dumps(error) if cbor else json.dumps(error).encode()
             return _response(400, payload, "application/cbor" if cbor else

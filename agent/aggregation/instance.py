@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from agent.aggregation.aggregator import Aggregator
-from agent.log import get_logger
+from agent.log import first_or_every, get_logger
 from agent.model import (
     CpuCounters,
     GpuReading,
@@ -118,7 +118,7 @@ class InstanceFigures:
         start = int(middle // interval) * interval
         if start < self._closed_until:
             self.late += 1  # its interval closed already (its CPU time is in the Average)
-            if self.late == 1 or self.late % 100 == 0:
+            if first_or_every(self.late):
                 _log.warning("cpu_sample_late", late=self.late)
             return
         self._pending.setdefault(start, {}).setdefault((metric, view), _Samples()).add(value)

@@ -28,6 +28,7 @@ from agent.errors import DeliveryError
 from agent.log import get_logger
 from agent.rules.retry import DEFAULT_POLICY, UNKNOWN_OUTCOME_ERRORS, Failure, RetryPolicy, classify
 from agent.sinks.file import FileSink
+from agent.sinks.prometheus import Series
 
 _log = get_logger("aws")
 _SNAKE = re.compile(r"(?<!^)(?=[A-Z])")
@@ -67,14 +68,27 @@ class AwsCaller:
         self._failing_since: dict[str, float] = {}
         self.stats: Counter[tuple[str, str, str]] = Counter()
 
+    def counters(self) -> dict[str, int]:
+        """Retries of every call, together (per API and kind: `stats`, on Prometheus)."""
+        return {"retries": sum(v for k, v in self.stats.items() if k[0] == "retries")}
+
+    def series(self) -> list[Series]:
+        """`stats` for Prometheus: `aws_calls{api,outcome}`, `aws_retries{api,kind}`, ..."""
+        return [Series(f"aws_{what}", {"api": api, **({"outcome": detail} if what == "calls"
+                                                      else {"kind": detail} if detail else {})},
+                       float(v)) for (what, api, detail), v in self.stats.items()]
+
     async def deliver(self, service: str, api: str, params: dict[str, Any], *,
-                      deadline: float, items: int = 1, size: int = 0) -> dict[str, Any]:
+                      deadline: float, items: int = 1, size: int = 0,
+                      final: frozenset[str] = frozenset()) -> dict[str, Any]:
         """Record the call, then make it until it succeeds; return the answer.
 
         Args:
             deadline: `time.monotonic()` after which no further attempt starts.
             items: events or datums in the call (for the duplicate count).
             size: bytes the call carries (for self-telemetry).
+            final: error codes raised at once, without retrying, whatever their kind: the
+                caller has a way on (CreateLogGroup denied: the group may exist).
 
         Raises:
             DeliveryError: a failure retrying cannot fix (`retryable` false), or the
@@ -93,7 +107,7 @@ class AwsCaller:
                 if exc.unknown_outcome:  # this attempt may have been stored: a re-send may duplicate
                     self.stats["possible_duplicates", api, ""] += items
                 self._note_failure(api, exc)
-                if not exc.retryable:
+                if not exc.retryable or exc.code in final:
                     raise
                 delay = self._policy.delay(attempt, Failure(exc.kind))
                 if time.monotonic() + delay > deadline:

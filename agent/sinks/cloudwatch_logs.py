@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 
 from agent.errors import DeliveryError
@@ -26,9 +26,11 @@ from agent.rules.batching import (
     log_event_cost,
     take_log_batch,
 )
+from agent.rules.lines import MAX_EVENT_BYTES
 from agent.sinks.aws import AwsCaller
 from agent.sinks.delivery import BATCH_DEADLINE_S, BatchSender
-from agent.sinks.outbox import Codec, Outbox
+from agent.sinks.outbox import Codec, CorruptSegment, Outbox
+from agent.sinks.prometheus import Series
 
 FLUSH_AFTER_S = 5.0
 # Two batches in flight keep botocore's serializing of one overlapped with the service's
@@ -55,7 +57,45 @@ def _encode(events: list[LogEvent]) -> bytes:
 
 
 def _decode(data: bytes) -> list[LogEvent]:
-    return [LogEvent(int(ts), msg, stream, len(msg.encode())) for ts, stream, msg in json.loads(data)]
+    """A spooled batch back into events, checked in full; raises `CorruptSegment` only.
+
+    Anything `_encode` could not have written is refused: not JSON, not a non-empty list
+    of [timestamp, stream, message], a timestamp that is not an int in 0..year 9999, a
+    stream other than stdout/stderr, a message that is not UTF-8 text or is longer than
+    an event may be, or a batch beyond PutLogEvents' limits. A bad file is then
+    quarantined instead of crashing the sender or being refused by the service.
+    """
+    try:
+        rows = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CorruptSegment(f"not JSON: {exc}") from exc
+    if type(rows) is not list or not rows:
+        raise CorruptSegment("not a non-empty list of events")
+    events: list[LogEvent] = []
+    for row in rows:
+        if type(row) is not list or len(row) != 3:
+            raise CorruptSegment("an event is not [timestamp, stream, message]")
+        ts, stream, msg = row
+        if type(ts) is not int or not 0 <= ts <= _MAX_TIMESTAMP_MS:
+            raise CorruptSegment(f"timestamp out of range: {str(ts)[:40]}")
+        if type(stream) is not str or stream not in _STREAMS:
+            raise CorruptSegment(f"unknown stream: {str(stream)[:40]}")
+        if type(msg) is not str:
+            raise CorruptSegment("a message is not text")
+        try:
+            size = len(msg.encode())
+        except UnicodeEncodeError as exc:  # a lone surrogate from a \ud800 escape
+            raise CorruptSegment("a message is not valid UTF-8") from exc
+        if size > MAX_EVENT_BYTES:
+            raise CorruptSegment(f"a message of {size} bytes is longer than an event may be")
+        events.append(LogEvent(ts, msg, stream, size))
+    if take_log_batch(events) != len(events):
+        raise CorruptSegment("the batch is beyond PutLogEvents' limits")
+    return events
+
+
+_STREAMS = ("stdout", "stderr")
+_MAX_TIMESTAMP_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 
 
 LOG_CODEC: Codec[LogEvent] = Codec(_encode, _decode)
@@ -90,8 +130,25 @@ class CloudWatchLogsSink(BatchSender[LogEvent]):
         self._flush_after = flush_after
         self._oldest_at = 0.0
         self._created = False
+        self._group_denied = False  # logged once
         self.stats = {"events_sent": 0, "batches_sent": 0, "bytes_sent": 0,
                       "events_dropped_rejected": 0, "events_dropped_invalid": 0}
+
+    name = "cloudwatch_logs"
+    item = "events"
+
+    def counters(self) -> dict[str, int]:
+        return {**super().counters(), **self.stats, "events_possible_duplicates":
+                self._caller.stats["possible_duplicates", "PutLogEvents", ""]}
+
+    def series(self) -> list[Series]:
+        out = super().series()
+        out += [Series("dropped", {"sink": "logs", "reason": reason},
+                       self.stats[f"events_dropped_{reason}"]) for reason in ("rejected", "invalid")]
+        if self.stats["batches_sent"]:
+            fill = self.stats["bytes_sent"] / (self.stats["batches_sent"] * LOG_BATCH_MAX_BYTES)
+            out.append(Series("log_batch_fill_ratio", {}, fill, True))
+        return out
 
     # -- intake --------------------------------------------------------------------------------
 
@@ -166,24 +223,61 @@ class CloudWatchLogsSink(BatchSender[LogEvent]):
                    reason="the service refused the batch; retrying cannot help")
 
     async def _create(self, deadline: float) -> None:
-        """Create the group (and set retention) and the stream; existing ones are fine."""
+        """Create the group (and set retention) and the stream; existing ones are fine.
+
+        A least-privilege role may not create groups while SageMaker has made this one:
+        an AccessDenied on CreateLogGroup is not retried but logged once, and the agent
+        goes on to CreateLogStream and PutLogEvents, as the CloudWatch agent does (it was
+        retried forever). Only if the stream then cannot be made for want of its group is
+        CreateLogGroup retried, slowly, like any rejected credentials, until `deadline`;
+        the batch is kept meanwhile.
+        """
         call = self._caller.deliver
+        group = {"logGroupName": self.group}
+        denied = False
         try:
-            await call("logs", "CreateLogGroup", {"logGroupName": self.group}, deadline=deadline)
+            await call("logs", "CreateLogGroup", group, deadline=deadline, final=ACCESS_DENIED)
             if self._retention is not None:
                 await call("logs", "PutRetentionPolicy",
-                           {"logGroupName": self.group, "retentionInDays": self._retention},
-                           deadline=deadline)
+                           {**group, "retentionInDays": self._retention}, deadline=deadline)
         except DeliveryError as exc:
-            if exc.code != "ResourceAlreadyExistsException":
+            if exc.code in ACCESS_DENIED:
+                denied = True
+                if not self._group_denied:
+                    self._group_denied = True
+                    _log.warning("log_group_not_created", group=self.group, error=str(exc),
+                                 then="going on with the group as it is (made by SageMaker?)")
+            elif exc.code != "ResourceAlreadyExistsException":
                 raise
+        stream = {**group, "logStreamName": self.stream}
         try:
-            await call("logs", "CreateLogStream",
-                       {"logGroupName": self.group, "logStreamName": self.stream}, deadline=deadline)
+            await call("logs", "CreateLogStream", stream, deadline=deadline)
         except DeliveryError as exc:
-            if exc.code != "ResourceAlreadyExistsException":
+            if exc.code == "ResourceNotFoundException" and denied:
+                # The group is really missing: wait for it, or for the permission.
+                if await _exists_ok(call("logs", "CreateLogGroup", group, deadline=deadline)) \
+                        and self._retention is not None:
+                    await call("logs", "PutRetentionPolicy",
+                               {**group, "retentionInDays": self._retention}, deadline=deadline)
+                await _exists_ok(call("logs", "CreateLogStream", stream, deadline=deadline))
+            elif exc.code != "ResourceAlreadyExistsException":
                 raise
         self._created = True
+
+
+ACCESS_DENIED = frozenset({"AccessDenied", "AccessDeniedException"})
+
+
+async def _exists_ok(creation: Awaitable[object]) -> bool:
+    """Await a Create* call; True if it created the resource, False if it already existed
+    (which is what the call was for)."""
+    try:
+        await creation
+    except DeliveryError as exc:
+        if exc.code != "ResourceAlreadyExistsException":
+            raise
+        return False
+    return True
 
 
 def _rejected_count(info: dict[str, int] | None, total: int) -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import DeliveryError
-from agent.log import get_logger
+from agent.log import first_or_every, get_logger
 from agent.model import ClosedInterval
 from agent.rules.metric_data import (
     datum_problem,
@@ -230,7 +230,7 @@ class CloudWatchMetricsSink(BatchSender[Request]):
             return True
         self.stats["datums_dropped_unsendable"] += 1
         count = self.stats["datums_dropped_unsendable"]
-        if count == 1 or count % 1000 == 0:
+        if first_or_every(count, 1000):
             _log.error("metric_datum_unsendable", reason=problem, dropped=count,
                        namespace=namespace, metric=ascii(datum.get("MetricName", ""))[:120],
                        bug=BUG)

@@ -24,9 +24,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from agent.log import get_logger
 from agent.model import LogEvent
 from agent.rules.lines import IDLE_FLUSH_S, EventJoiner, LineFramer
 from agent.stdio import StdioWriter
+from agent.tasks import supervise
+
+_log = get_logger("child_output")
 
 # Reads and pipes of 1 MiB: the reader thread needs the GIL once per read, and the loop
 # thread holds it while framing, so big reads keep pass-through fast under load. A big
@@ -167,17 +171,58 @@ class ChildOutputSource:
         idle_flush_s: quiet time after which a half-built event is emitted.
     """
 
+    name = "child_output"
+
     def __init__(self, intake: Intake, streams: tuple[str, ...] = ("stdout", "stderr"),
                  start_pattern: re.Pattern[str] | None = None,
-                 idle_flush_s: float = IDLE_FLUSH_S) -> None:
+                 idle_flush_s: float = IDLE_FLUSH_S, *, emit: Emit | None = None,
+                 saturated: Callable[[], bool] = lambda: False) -> None:
         self._intake = intake
         self._open = set(streams)
         self._framers = {s: LineFramer() for s in streams}
         self._joiners = {s: EventJoiner(s, start_pattern) for s in streams}
         self._last = dict.fromkeys(streams, 0.0)
         self._idle = idle_flush_s
+        self._emit = emit
+        self._saturated = saturated
+        self._task: asyncio.Task[None] | None = None
         self.events = 0
         self.finished = asyncio.Event()
+
+    # -- the Source protocol --------------------------------------------------------------------
+
+    def follow(self, fd: int, stream: str, writer: StdioWriter) -> None:
+        """Relay one of the child's pipes (a thread: the child's writes never wait on the
+        loop) to the agent's own `writer` and into the intake."""
+        threading.Thread(target=relay, args=(fd, stream, writer, self._intake), daemon=True,
+                         name=f"relay-{stream}").start()
+
+    async def start(self) -> None:
+        """Frame and emit (to the `emit` given) until every stream reaches EOF or `stop`."""
+        assert self._emit is not None
+        emit, saturated = self._emit, self._saturated
+        self._task = supervise(self.name, lambda: self.run(emit, saturated))
+
+    async def stop(self, deadline: float) -> None:
+        """Wait for the pipes' EOF until `deadline` (a descendant may hold them open), then
+        frame what is queued and emit every half-built event."""
+        wait = max(0.0, deadline - time.monotonic())
+        try:
+            async with asyncio.timeout(wait):
+                await self.finished.wait()
+        except TimeoutError:
+            _log.warning("child_pipes_still_open", reason="a descendant holds them",
+                         waited_s=round(wait, 1))
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._emit is not None:
+            self.drain(self._emit)
+
+    def counters(self) -> dict[str, int]:
+        return {"child_output_bytes": self._intake.received_bytes,
+                "child_output_dropped_bytes": self._intake.dropped_bytes,
+                "log_events_framed": self.events}
 
     async def run(self, emit: Emit, saturated: Callable[[], bool] = lambda: False) -> None:
         """Frame and emit until every stream reached EOF.
@@ -207,7 +252,8 @@ class ChildOutputSource:
                     self.events += len(out)
                     emit(out)
         finally:
-            self.finished.set()
+            if not self._open:  # not after a crash: the supervisor starts it again
+                self.finished.set()
 
     def drain(self, emit: Emit) -> None:
         """Shutdown: frame what is still queued and emit every half-built event."""

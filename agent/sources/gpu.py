@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import psutil
 
-from agent.log import get_logger
+from agent.log import first_or_every, get_logger
 from agent.model import GpuProcess, GpuReading
 
 _log = get_logger("gpu")
@@ -134,7 +134,7 @@ class GpuSampler:
                 if exc.value == nvml.NVML_ERROR_GPU_IS_LOST:
                     self._lost.add(device.index)
                     _log.error("gpu_lost", index=device.index, uuid=device.uuid, error=str(exc))
-                elif self.errors == 1 or self.errors % 1000 == 0:
+                elif first_or_every(self.errors, 1000):
                     _log.warning("gpu_read_failed", index=device.index, error=str(exc),
                                  errors=self.errors)
                 continue

@@ -6,11 +6,12 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 
-from agent.log import get_logger
+from agent.log import first_or_every, get_logger
 from agent.model import GpuReading, SystemReading
 from agent.rules.instance_metrics import next_tick
 from agent.sources.gpu import GpuSampler
 from agent.sources.system import SystemSampler
+from agent.tasks import supervise
 
 OnReading = Callable[[SystemReading, Sequence[GpuReading]], None]
 _log = get_logger("instance")
@@ -48,7 +49,7 @@ class InstanceSampler:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name=self.name)
+        self._task = supervise(self.name, self.run)
 
     async def stop(self, deadline: float) -> None:
         """Stop sampling and take one last sample (the final interval's end), by `deadline`."""
@@ -76,7 +77,7 @@ class InstanceSampler:
             system, gpus = await asyncio.to_thread(self._sample, at)
         except Exception as exc:  # noqa: BLE001 - a sampler must never stop the agent
             self.errors += 1
-            if self.errors == 1 or self.errors % 100 == 0:
+            if first_or_every(self.errors):
                 _log.error("sample_failed", error=repr(exc), errors=self.errors)
             return
         self.samples += 1

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.log import get_logger
+from agent.log import first_or_every, get_logger
 from agent.model import RequestRecord
 from agent.rules.statsd import Sample, split_datagram
 
@@ -42,7 +44,7 @@ class DatagramIntake(asyncio.DatagramProtocol):
         samples, records, bad = split_datagram(data)
         if bad:
             self.malformed += bad
-            if self.malformed in (1, 100, 10_000):
+            if first_or_every(self.malformed, 10_000, bad):
                 _log.warning("statsd_malformed", lines=self.malformed, example=data[:120].decode(
                     "utf-8", "replace"))
         if samples:
@@ -104,3 +106,62 @@ def drain(transport: asyncio.BaseTransport, limit: int = 10_000) -> int:
                 return count
             protocol.datagram_received(data, None)
     return limit
+
+
+class StatsdSource:
+    """The hook socket (a private Unix datagram socket) and, when configured, StatsD over UDP:
+    both feed one `DatagramIntake`.
+
+    Args:
+        intake: parses datagrams and passes samples and requests on.
+        hook_socket: the socket's path; None makes a private temporary directory for it,
+            removed again at `stop`.
+        udp: (host, port) for StatsD, or None.
+    """
+
+    name = "statsd"
+
+    def __init__(self, intake: DatagramIntake, *, hook_socket: Path | None,
+                 udp: tuple[str, int] | None) -> None:
+        self.intake = intake
+        self._requested = hook_socket
+        self._udp = udp
+        self._made_dir: Path | None = None
+        self.hook_socket: Path | None = None  # where the hooks find the agent, once bound
+        self.transports: list[asyncio.DatagramTransport] = []
+
+    async def start(self) -> None:
+        """Bind the hook socket, then the UDP port. A failure is logged and that listener
+        stays off (the child runs regardless); raises nothing."""
+        path = self._requested
+        if path is None:
+            self._made_dir = Path(tempfile.mkdtemp(prefix="telemetry-agent-"))
+            path = self._made_dir / "hooks.sock"
+        try:
+            self.transports.append(await listen_unix(self.intake, path))
+            self.hook_socket = path
+        except OSError as exc:
+            _log.error("hook_socket_unavailable", path=str(path), error=str(exc))
+        if self._udp is not None:
+            host, port = self._udp
+            try:
+                self.transports.append(await listen_udp(self.intake, host, port))
+            except OSError as exc:
+                _log.error("statsd_unavailable", address=f"{host}:{port}", error=str(exc),
+                           hint="set TELEMETRY_STATSD to a free host:port, or off")
+
+    async def stop(self, deadline: float) -> None:
+        """Take what waits in the sockets' queues (a hook's exit flush), then close them and
+        remove the socket (and the temporary directory the agent made for it)."""
+        for transport in self.transports:
+            drain(transport)
+            transport.close()
+        self.transports.clear()
+        if self.hook_socket is not None:
+            self.hook_socket.unlink(missing_ok=True)
+        if self._made_dir is not None:
+            shutil.rmtree(self._made_dir, ignore_errors=True)
+
+    def counters(self) -> dict[str, int]:
+        return {"datagrams": self.intake.datagrams,
+                "datagram_lines_malformed": self.intake.malformed}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import httptools
 
-from agent.log import get_logger
+from agent.log import first_or_every, get_logger
 from agent.rules.exposition import ACCEPT, AGENT_PREFIX, Merge, merge_pages
 
 FETCH_TIMEOUT_S = 2.0
@@ -189,6 +189,6 @@ class MetricsPage:
 
     def _alone(self, reason: str) -> None:
         self.alone += 1
-        if self.alone in (1, 10, 100, 1000, 10000, 100000):
+        if first_or_every(self.alone, 1000):
             _log.info("upstream_metrics_unavailable", reason=reason, times=self.alone,
                       upstream="%s:%d" % self._upstream, path=self._path)
