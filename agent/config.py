@@ -337,8 +337,8 @@ class Settings:
     proxy_keepalive_timeout: float = setting(number(0.1, 3600), "75",
         "seconds an idle client connection stays open (nginx's keepalive_timeout)")
     proxy_metrics: bool = setting(parse_bool, "false",
-        "serve Prometheus /metrics on the proxy's port too (off when the model server serves "
-        "its own)")
+        "serve Prometheus /metrics on the proxy's port: the model server's own page, then the "
+        "agent's")
     hook_socket: Path | None = setting(parse_socket_path, None,
         "Unix datagram socket for hooks; default a private path")
     statsd: Address | None = setting(parse_address, "127.0.0.1:8125",
