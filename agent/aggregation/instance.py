@@ -16,7 +16,6 @@ import bisect
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from agent.aggregation.aggregator import Aggregator
 from agent.log import first_or_every, get_logger
@@ -42,24 +41,12 @@ VIEWS = ("host", "container")
 MAX_POINTS = 10_000  # counter readings kept per view when no publisher prunes them
 
 
-@dataclass(slots=True)
-class _Samples:
-    """The per-second samples of one CPU figure in one interval."""
-
-    count: int = 0
-    total: float = 0.0
-    minimum: float = math.inf
-    maximum: float = -math.inf
-
-    def add(self, value: float) -> None:
-        self.count += 1
-        self.total += value
-        self.minimum = min(self.minimum, value)
-        self.maximum = max(self.maximum, value)
-
-    def statistic(self, average: float) -> Statistic:
-        return Statistic(count=float(self.count), total=average * self.count,
-                         minimum=min(self.minimum, average), maximum=max(self.maximum, average))
+def with_average(samples: Statistic, average: float) -> Statistic:
+    """The per-second samples' statistic with the interval's exact `average` in place:
+    Sum = Average x SampleCount, Min/Max widened to hold the average."""
+    return Statistic(count=samples.count, total=average * samples.count,
+                     minimum=min(samples.minimum, average),
+                     maximum=max(samples.maximum, average))
 
 
 class InstanceFigures:
@@ -83,7 +70,7 @@ class InstanceFigures:
         self._disk = identity.resource is not Resource.TRANSFORM  # not for transform jobs
         self._read_counters = read_counters
         # Interval start -> (metric, view) -> per-second samples, until the interval closes.
-        self._pending: dict[int, dict[tuple[str, str], _Samples]] = {}
+        self._pending: dict[int, dict[tuple[str, str], Statistic]] = {}
         # Per view: (Unix seconds, cumulative CPU ns), time ascending, since the last close.
         self._points: dict[str, list[tuple[float, float]]] = {v: [] for v in VIEWS}
         self._cores = {"host": 1.0, "container": 1.0}
@@ -121,7 +108,7 @@ class InstanceFigures:
             if first_or_every(self.late):
                 _log.warning("cpu_sample_late", late=self.late)
             return
-        self._pending.setdefault(start, {}).setdefault((metric, view), _Samples()).add(value)
+        self._pending.setdefault(start, {}).setdefault((metric, view), Statistic()).add(value)
 
     def _mark(self, counters: CpuCounters) -> None:
         host = counters.host_busy_ns
@@ -167,7 +154,7 @@ class InstanceFigures:
                 value = rate.percent if rate is not None else samples.total / samples.count
                 if metric != "CPUUtilization":
                     value = normalized(value, self._cores[view])
-                self._aggregator.put(start, key, samples.statistic(value))
+                self._aggregator.put(start, key, with_average(samples, value))
             if ended:
                 del self._pending[start]
                 self._closed_until = max(self._closed_until, end)
