@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from http import HTTPStatus
 
+from agent.model import INVOKE, LOAD, UNLOAD
+
 # RFC 9110 §7.6.1 and the de-facto ones; `expect` is answered by the proxy itself.
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade", b"expect", b"http2-settings"})
@@ -39,6 +41,9 @@ class RequestHead:
         length: Content-Length, or -1.
         expect_continue: an HTTP/1.1 client waits for `100 Continue` before its body.
         path: the origin-form path without the query, for counting.
+        target_model: `X-Amzn-SageMaker-Target-Model` (a multi-model endpoint's
+            TargetModel as the caller named it), or None.
+        component: `X-Amzn-SageMaker-Inference-Component`, or None.
     """
 
     head: bytes
@@ -46,6 +51,8 @@ class RequestHead:
     length: int
     expect_continue: bool
     path: bytes
+    target_model: bytes | None = None
+    component: bytes | None = None
 
 
 class Refused(Exception):
@@ -61,8 +68,13 @@ class Refused(Exception):
 # instead of a lower() and several comparisons (bounded: unusual spellings are classified
 # each time once the cache is full).
 PASS, DROP, HOST, LENGTH, CODING, CONNECTION, EXPECT = range(7)
+# End-to-end request fields the proxy forwards unchanged but also reads (kinds >= NOTED).
+TARGET_MODEL, COMPONENT = range(7, 9)
+NOTED = TARGET_MODEL
 _SPECIAL = {b"host": HOST, b"content-length": LENGTH, b"transfer-encoding": CODING,
-            b"connection": CONNECTION, b"expect": EXPECT}
+            b"connection": CONNECTION, b"expect": EXPECT,
+            b"x-amzn-sagemaker-target-model": TARGET_MODEL,
+            b"x-amzn-sagemaker-inference-component": COMPONENT}
 _NEVER_NAMED = frozenset({b"close", b"keep-alive", b"host", b"content-length"})
 _KINDS: dict[bytes, int] = {}
 _KINDS_MAX = 4096
@@ -131,6 +143,7 @@ def check_request(method: bytes, target: bytes, version: str,
     hosts = codings = 0
     chunked = expect = False
     length = -1
+    target = component = None
     named: frozenset[bytes] = frozenset()
     fields: list[bytes] = []
     for name, value in headers:
@@ -153,6 +166,12 @@ def check_request(method: bytes, target: bytes, version: str,
             expect = value.strip().lower() == b"100-continue"
         elif kind == CONNECTION and value not in _PLAIN_CONNECTION:
             named = named | connection_tokens([(name, value)])
+        elif kind >= NOTED:
+            fields += (name, b": ", value, b"\r\n")
+            if kind == TARGET_MODEL:
+                target = value
+            else:
+                component = value
     # In nginx's order: Host first, then the transfer coding.
     if hosts > 1 or (hosts == 0 and authority is None and version == "1.1"):
         raise Refused(400, "host")
@@ -169,7 +188,7 @@ def check_request(method: bytes, target: bytes, version: str,
     query = path.find(b"?")
     return RequestHead(b"%b %b HTTP/1.1\r\n%b" % (method, path, b"".join(fields)), chunked,
                        length, expect and version == "1.1" and (chunked or length > 0),
-                       path if query < 0 else path[:query])
+                       path if query < 0 else path[:query], target, component)
 
 
 def chunked_head_end(length: int) -> bytes:
@@ -228,6 +247,8 @@ def answer_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], 
             framing = CHUNKED_BODY if value.rstrip().lower().endswith(b"chunked") else -1
         elif kind == CONNECTION and value not in _PLAIN_CONNECTION:
             named = named | connection_tokens([(name, value)])
+        elif kind >= NOTED:
+            fields += (name, b": ", value, b"\r\n")
     if framing == -1:
         framing = CLOSE_BODY
     if is_head or status == 204 or status == 304:
@@ -250,11 +271,25 @@ def answer_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], 
                       framing, chunked, keep)
 
 
+def is_streamed(framing: int, headers: list[tuple[bytes, bytes]]) -> bool:
+    """An answer whose body the model sends as it goes (InvokeEndpointWithResponseStream):
+    chunked, or close-delimited server-sent events (`text/event-stream`). Its first byte
+    and the gaps between its reads are timed; a Content-Length answer is not (its size was
+    known before its first byte). Only a close-delimited answer's fields are read (rare)."""
+    if framing == CHUNKED_BODY:
+        return True
+    if framing != CLOSE_BODY:
+        return False
+    return any(name.lower() == b"content-type" and value[:17].lower() == b"text/event-stream"
+               for name, value in headers)
+
+
 def interim_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
     """A 1xx answer relayed to an HTTP/1.1 client (103 Early Hints and the like)."""
     fields: list[bytes] = []
     for name, value in headers:
-        if field_kind(name) == PASS:
+        kind = field_kind(name)
+        if kind == PASS or kind >= NOTED:
             fields += (name, b": ", value, b"\r\n")
     return b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason or _reason(status), b"".join(fields))
 
@@ -283,9 +318,68 @@ def error_answer(status: int, *, close: bool = True, keep_alive_1_0: bool = Fals
 def is_invocation(path: bytes) -> bool:
     """Requests that are counted: `/invocations` (with any suffix, as SageMaker routes it)
     and a multi-model endpoint's `/models/{name}/invoke`."""
+    return classify(b"POST", path)[0] == INVOKE
+
+
+# What a counted request is (`classify`): an invocation, or a multi-model endpoint's
+# load (`POST /models`) or unload (`DELETE /models/{name}`); OTHER is not counted.
+OTHER = 0
+MAX_MODEL_NAME = 255  # a CloudWatch dimension value is at most 1024 chars; names are shorter
+
+
+def classify(method: bytes, path: bytes) -> tuple[int, bytes]:
+    """(kind, model name from the path) of a request, after SageMaker's multi-model container
+    contract (mms-container-apis): `POST /models/{name}/invoke` is an invocation of `name`,
+    `POST /models` loads the model named in its JSON body, `DELETE /models/{name}` unloads."""
     if path.startswith(b"/invocations"):
-        return True
-    return path.startswith(b"/models/") and path.endswith(b"/invoke") and path.count(b"/") == 3
+        return INVOKE, b""
+    if not path.startswith(b"/models"):
+        return OTHER, b""
+    if path == b"/models" or path == b"/models/":
+        return (LOAD, b"") if method == b"POST" else (OTHER, b"")
+    rest = path[8:]
+    if path[7:8] != b"/" or not rest:
+        return OTHER, b""
+    if rest.endswith(b"/invoke") and rest.count(b"/") == 1 and len(rest) > 7:
+        return INVOKE, rest[:-7]
+    if method == b"DELETE" and b"/" not in rest:
+        return UNLOAD, rest
+    return OTHER, b""
+
+
+def path_segment(raw: bytes) -> bytes:
+    """A path segment percent-decoded (`/models/my%20model/invoke` names `my model`)."""
+    if b"%" not in raw:
+        return raw
+    from urllib.parse import unquote_to_bytes  # noqa: PLC0415 - rare
+
+    return unquote_to_bytes(raw)
+
+
+def model_name(raw: bytes) -> str:
+    """A model name from a header or a decoded path segment as a dimension value: valid
+    UTF-8, control characters replaced, at most MAX_MODEL_NAME characters."""
+    text = raw.decode("utf-8", "replace")
+    text = "".join(c if c.isprintable() else "?" for c in text).strip()
+    return text[:MAX_MODEL_NAME] or "Unknown"
+
+
+LOAD_BODY_MAX = 64 * 1024  # bytes of a load request's body kept to read its model_name
+
+
+def loaded_model_name(body: bytes) -> str | None:
+    """The `model_name` of a load request's JSON body (`{"model_name": ..., "url": ...}`),
+    or None when the body is not such JSON (never raises)."""
+    import json  # noqa: PLC0415 - loads are rare
+
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    name = doc.get("model_name") if isinstance(doc, dict) else None
+    if not isinstance(name, str) or not name:
+        return None
+    return model_name(name.encode("utf-8", "replace"))
 
 
 def _reason(status: int) -> bytes:

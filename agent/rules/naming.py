@@ -125,6 +125,25 @@ def invocation_dimension_sets(identity: Identity, metric: str) -> list[Dimension
     return sets
 
 
+def model_dimension_sets(identity: Identity, metric: str, model: str | None,
+                         component: str | None) -> list[Dimensions]:
+    """The extra dimension sets of an invocation metric for a named model or component.
+
+    A multi-model endpoint's invocation also goes under `[EndpointName, VariantName,
+    TargetModel]`; an inference component's under `[InferenceComponentName]`, as
+    SageMaker publishes it (component names are unique in an account and Region).
+    ContainerLatency stays per container only, as in `invocation_dimension_sets`.
+    """
+    if metric == "ContainerLatency":
+        return []
+    sets: list[Dimensions] = []
+    if model is not None:
+        sets.append((*variant_dimensions(identity), ("TargetModel", model)))
+    if component is not None:
+        sets.append((("InferenceComponentName", component),))
+    return sets
+
+
 def spool_folder(group: str, stream: str) -> str:
     """A file name for one log stream's spool folder: readable, and unique per group/stream."""
     import hashlib  # noqa: PLC0415 - only the spool needs it

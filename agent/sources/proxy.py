@@ -33,6 +33,22 @@ answer is only ever written to the connection of the request that produced it.
   before any answer (nginx's "client closed request"). ContainerLatency runs from
   the first request byte in to the last answer byte out, ModelLatency from the
   first byte sent upstream to the last answer byte received.
+- **Multi-model endpoints** (SageMaker's mms-container-apis contract): `POST
+  /models/{name}/invoke` is counted with its TargetModel (the
+  `X-Amzn-SageMaker-Target-Model` header, else `{name}`); `POST /models` (load, the
+  model named by its JSON body's `model_name`, of which at most 64 KiB is kept) and
+  `DELETE /models/{name}` (unload) are reported with their kind, not as invocations.
+  `X-Amzn-SageMaker-Inference-Component` names the inference component.
+- **Concurrency**: invocations in flight, from the request head parsed to the last
+  answer byte out (a streamed answer until its end). An integer per change; a 1 s
+  timer, aligned to the wall-clock second, reports each second's lowest, highest and
+  time-weighted mean count (`on_concurrency`), so a burst shorter than a second still
+  sets the Maximum.
+- **Streams**: for a chunked or close-delimited `text/event-stream` answer, the time
+  from the request sent upstream to the first read carrying body bytes, and the time
+  between two such reads (one "chunk" is one read of the model's socket: chunks that
+  arrive together count once; at most `MAX_GAPS` per answer, the rest counted in
+  `stream_gaps_dropped`).
 """
 
 from __future__ import annotations
@@ -41,14 +57,14 @@ import asyncio
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import IO
 
 import httptools
 
-from agent.log import get_logger
-from agent.model import RequestRecord
+from agent.log import first_or_every, get_logger
+from agent.model import INVOKE, LOAD, RequestRecord
 from agent.rules import http as rules
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -62,6 +78,8 @@ POOL_IDLE_S = 30.0            # an idle upstream connection older than this is c
 LINGER_S = 5.0                # nginx's lingering_timeout: read and drop a client's leftovers
 WRITE_HIGH = 256 * 1024       # transport write buffer bounds (flow control)
 WRITE_LOW = 64 * 1024
+MAX_GAPS = 10_000             # inter-chunk times kept per streamed answer
+MODEL_NAMES_MAX = 4096        # decoded model names cached
 
 _log = get_logger("proxy")
 _now = time.perf_counter
@@ -94,6 +112,7 @@ class ProxyStats:
     retries: int = 0
     connections: int = 0
     upstream_connections: int = 0
+    stream_gaps_dropped: int = 0
 
 
 class _HeaderTooLarge(Exception):
@@ -104,15 +123,26 @@ class RequestProxy:
     """Listens on `listen`, forwards to `upstream`, reports `/invocations` requests.
 
     Args:
+        listen: (host, port) to serve on.
         upstream: (host, port) of the model server.
         on_record: called with each counted request's record (must not block).
         timeouts: nginx-like timeouts; `timeout=` alone sets the upstream read one.
-        metrics_page: when given, `GET /metrics` is answered with its result here.
+        metrics_page: when given, `GET /metrics` is answered with its result here (bytes,
+            or an awaitable of them: the page merged with the model server's).
+        on_concurrency: called once a second with the lowest, highest and time-weighted
+            mean invocations in flight during that second, its midpoint (Unix s) and its
+            length (s; shorter for the first and the last, at a stop).
     """
 
-    def __init__(self, upstream: tuple[str, int], on_record: Callable[[RequestRecord], None], *,
+    name = "proxy"
+
+    def __init__(self, listen: tuple[str, int], upstream: tuple[str, int],
+                 on_record: Callable[[RequestRecord], None], *,
                  timeouts: ProxyTimeouts | None = None, timeout: float | None = None,
-                 metrics_page: Callable[[], bytes] | None = None) -> None:
+                 metrics_page: Callable[[], bytes | Awaitable[bytes]] | None = None,
+                 on_concurrency: Callable[[int, int, float, float, float], None] | None = None
+                 ) -> None:
+        self.listen = listen
         self.upstream = upstream
         self.on_record = on_record
         self.timeouts = timeouts or ProxyTimeouts()
@@ -132,13 +162,84 @@ class RequestProxy:
         self.dirty: list[_Client | _Upstream] = []
         self._sweeper: asyncio.TimerHandle | None = None
         self._tick = max(0.05, min(1.0, min(_fields(self.timeouts).values()) / 4))
+        # Invocations in flight: changed on the request path (a few integer operations),
+        # read by the once-a-second sampler.
+        self.on_concurrency = on_concurrency
+        self.in_flight = 0
+        self._low = self._high = 0
+        self._area = 0.0          # in-flight × seconds since the last sample
+        self._changed = self._sampled = _now()
+        self._sampler: asyncio.TimerHandle | None = None
+        self.model_names: dict[bytes, str] = {}
 
-    async def start(self, host: str, port: int) -> None:
+    def enter(self, now: float) -> None:
+        """An invocation begins (its first byte came at `now`; its head is parsed)."""
+        if now > self._changed:  # a pipelined request's first byte may predate the last change
+            self._area += self.in_flight * (now - self._changed)
+            self._changed = now
+        self.in_flight += 1
+        if self.in_flight > self._high:
+            self._high = self.in_flight
+
+    def leave(self, now: float) -> None:
+        """An invocation ended (its last answer byte went out, or it was dropped)."""
+        self._area += self.in_flight * (now - self._changed)
+        self._changed = now
+        self.in_flight -= 1
+        if self.in_flight < self._low:
+            self._low = self.in_flight
+
+    def _sample(self) -> None:
+        """Report the second that just ended, then wait for the next wall-clock second."""
+        assert self.loop is not None
+        self._report()
+        self._sampler = self.loop.call_later(1.0 - time.time() % 1.0, self._sample)
+
+    def _report(self) -> None:
+        """Tell `on_concurrency` the lowest, highest and mean in flight since the last report."""
+        now = _now()
+        span = now - self._sampled
+        area = self._area + self.in_flight * (now - self._changed)
+        mean = area / span if span > 0 else float(self.in_flight)
+        low, high = self._low, self._high
+        self._area, self._changed, self._sampled = 0.0, now, now
+        self._low = self._high = self.in_flight
+        if self.on_concurrency is not None and span > 0:
+            self.on_concurrency(low, high, mean, time.time() - span / 2, span)
+
+    def model_name(self, raw: bytes) -> str:
+        """`raw` (a header, or a decoded path segment) as a dimension value, cached."""
+        name = self.model_names.get(raw)
+        if name is None:
+            name = rules.model_name(raw)
+            if len(self.model_names) < MODEL_NAMES_MAX:
+                self.model_names[raw] = name
+        return name
+
+    async def start(self) -> None:
         """Bind and serve (raises OSError when the address is taken)."""
         self.loop = asyncio.get_running_loop()
+        host, port = self.listen
         self.server = await self.loop.create_server(lambda: _Client(self), host, port,
                                                     backlog=1024)
         self._sweeper = self.loop.call_later(self._tick, self._sweep)
+        self._changed = self._sampled = _now()
+        self._sampler = self.loop.call_later(1.0 - time.time() % 1.0, self._sample)
+
+    async def stop(self, deadline: float) -> None:
+        """`close`, with the answers in progress given until `deadline` (monotonic), at most 5 s."""
+        await self.close(min(5.0, max(0.0, deadline - time.monotonic())))
+
+    def counters(self) -> dict[str, int]:
+        """`stats`, flat: `refused` by reason as `refused_<reason>`."""
+        stats = self.stats
+        return {"connections": stats.connections, "requests": stats.requests,
+                "upstream_errors": stats.upstream_errors,
+                "upstream_timeouts": stats.upstream_timeouts,
+                "upstream_connections": stats.upstream_connections,
+                "client_aborts": stats.client_aborts, "client_timeouts": stats.client_timeouts,
+                "retries": stats.retries, "stream_gaps_dropped": stats.stream_gaps_dropped,
+                **{f"refused_{k}": v for k, v in stats.refused.items()}}
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting, let answers in progress finish for up to `grace` s, close the rest."""
@@ -160,6 +261,10 @@ class RequestProxy:
             conn.transport.abort()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._sampler is not None:
+            self._sampler.cancel()
+            self._sampler = None
+            self._report()  # the last part of a second: a burst just before a stop counts
 
     def uncork(self) -> None:
         self.corked = False
@@ -225,13 +330,30 @@ class _Exchange:
                  "replay", "replay_bytes", "retried", "request_done", "request_sent", "body",
                  "body_bytes", "sent_at", "model_done", "status", "answered", "head_sent",
                  "finished", "out_chunked", "keep_client", "local", "is_head",
-                 "version_1_1", "expect_continue", "truncated")
+                 "version_1_1", "expect_continue", "truncated", "kind", "model", "load_body",
+                 "stream")
 
     def __init__(self, client: _Client, req: rules.RequestHead, began: float, *,
-                 is_head: bool, local: bool) -> None:
+                 is_head: bool, local: bool, method: bytes = b"POST") -> None:
         self.client = client
         self.req = req
-        self.counted = rules.is_invocation(req.path)
+        # TargetModel of an invocation; the (opaque) model_name of an unload; a load's
+        # comes from its body at the end
+        self.load_body: bytearray | None = None
+        if req.path.startswith(b"/invocations"):  # the common case, without classify()
+            self.kind, self.counted, self.model = INVOKE, True, req.target_model
+            client.proxy.enter(began)
+        else:
+            kind, name = rules.classify(method, req.path)
+            self.kind = kind
+            self.counted = kind != rules.OTHER and not local
+            name = rules.path_segment(name)
+            self.model = (req.target_model or name) if kind == INVOKE else name
+            if kind == LOAD:
+                self.load_body = bytearray()
+            elif kind == INVOKE:
+                client.proxy.enter(began)
+        self.stream: _Stream | None = None  # timings of a streamed answer
         self.began = began
         self.upstream: _Upstream | None = None
         self.pending: list[bytes] = []      # for the upstream while it connects or waits its turn
@@ -282,6 +404,9 @@ class _Exchange:
     def on_body(self, data: bytes, started: bool) -> None:
         if self.local:
             return
+        load = self.load_body
+        if load is not None and len(load) < rules.LOAD_BODY_MAX:
+            load += data[:rules.LOAD_BODY_MAX - len(load)]
         if self.body is not None:
             self.body_bytes += len(data)
             if self.body_bytes > BODY_MAX:
@@ -355,6 +480,9 @@ class _Exchange:
             keep=self.keep_client and self.request_done and not client.proxy.closing)
         self.keep_client = answer.keep
         self.out_chunked = answer.chunked
+        if answer.framing >= rules.CHUNKED_BODY and self.kind == INVOKE and rules.is_streamed(
+                answer.framing, headers):
+            self.stream = _Stream()
         self.head_sent = True
         client.write(answer.head)
         return answer.framing
@@ -384,7 +512,7 @@ class _Exchange:
         proxy.stats.upstream_errors += 1
         if status == 504:
             proxy.stats.upstream_timeouts += 1
-        if proxy.stats.upstream_errors in (1, 10, 100, 1000, 10000, 100000):
+        if first_or_every(proxy.stats.upstream_errors, 1000):
             _log.warning("upstream_failed", status=status, reason=reason,
                          failures=proxy.stats.upstream_errors)
         self.model_done = _now()
@@ -406,6 +534,21 @@ class _Exchange:
         page_fn = self.client.proxy.metrics_page
         assert page_fn is not None
         page = page_fn()
+        if not isinstance(page, bytes):  # merged with the model's page: wait for it
+            asyncio.ensure_future(page).add_done_callback(self._page_made)
+            return
+        self._send_page(page)
+
+    def _page_made(self, made: asyncio.Future[bytes]) -> None:
+        """The merged page is ready; the client may have left or timed out meanwhile."""
+        if self.finished or self.client.current is not self:
+            return
+        if made.cancelled() or made.exception() is not None:
+            self.on_upstream_failed(502, "metrics page failed")
+            return
+        self._send_page(made.result())
+
+    def _send_page(self, page: bytes) -> None:
         self.status = 200
         self.head_sent = True
         self.client.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
@@ -422,6 +565,17 @@ class _Exchange:
             conn.detach_and_close()
         self.record(self.status or status)
 
+    def discard(self) -> None:
+        """A queued request dropped before its turn (its connection closed): not reported,
+        but no longer in flight."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.body is not None:
+            self.body.close()
+        if self.kind == INVOKE and self.counted:
+            self.client.proxy.leave(_now())
+
     def record(self, status: int) -> None:
         """Report this request once (counted paths only)."""
         if self.finished:
@@ -436,7 +590,55 @@ class _Exchange:
         model = (self.model_done or done) - (self.sent_at or self.began)
         proxy = self.client.proxy
         proxy.stats.requests += 1
-        proxy.on_record(RequestRecord(status, container * 1e6, min(model, container) * 1e6))
+        if self.kind != INVOKE:
+            proxy.on_record(self._model_call(status, container, model))
+            return
+        proxy.leave(done)
+        if self.stream is None and not self.model and self.req.component is None:
+            proxy.on_record(RequestRecord(status, container * 1e6,
+                                          min(model, container) * 1e6))
+            return
+        stream, component = self.stream, self.req.component
+        first = (stream.first_at - self.sent_at) * 1e6 if (
+            stream is not None and stream.first_at and self.sent_at) else None
+        proxy.on_record(RequestRecord(
+            status, container * 1e6, min(model, container) * 1e6, INVOKE,
+            proxy.model_name(self.model) if self.model else None,
+            proxy.model_name(component) if component else None,
+            first, stream.gaps if first is not None and stream is not None else None))
+
+    def _model_call(self, status: int, container: float, model: float) -> RequestRecord:
+        """A multi-model load or unload, named by the load's JSON body or the unload's path
+        (None when the body named no model)."""
+        proxy = self.client.proxy
+        name: str | None = None
+        if self.kind == LOAD:
+            name = rules.loaded_model_name(bytes(self.load_body or b""))
+        elif self.model:
+            name = proxy.model_name(self.model)
+        return RequestRecord(status, container * 1e6, min(model, container) * 1e6, self.kind,
+                             name)
+
+
+class _Stream:
+    """A streamed answer's timings: its first body read and the gaps between reads (µs)."""
+
+    __slots__ = ("first_at", "last_at", "gaps")
+
+    def __init__(self) -> None:
+        self.first_at = self.last_at = 0.0
+        self.gaps: list[float] = []
+
+    def read_at(self, at: float, proxy: RequestProxy) -> None:
+        """Body bytes came in the read made at `at` (perf_counter s)."""
+        if not self.first_at:
+            self.first_at = self.last_at = at
+        elif at != self.last_at:
+            if len(self.gaps) < MAX_GAPS:
+                self.gaps.append((at - self.last_at) * 1e6)
+            else:
+                proxy.stats.stream_gaps_dropped += 1
+            self.last_at = at
 
 
 class _Body:
@@ -633,7 +835,8 @@ class _Client(asyncio.Protocol):
         self.upgrading = parser.should_upgrade()
         local = (method == b"GET" and req.path == b"/metrics"
                  and self.proxy.metrics_page is not None)
-        exchange = _Exchange(self, req, self._began, is_head=method == b"HEAD", local=local)
+        exchange = _Exchange(self, req, self._began, is_head=method == b"HEAD", local=local,
+                             method=method)
         self.incoming = exchange
         if self.current is None:
             self.current = exchange
@@ -727,8 +930,7 @@ class _Client(asyncio.Protocol):
 
     def _drop_queue(self) -> None:
         for queued in self.queue:
-            if queued.body is not None:
-                queued.body.close()
+            queued.discard()
         self.queue.clear()
         self.backlog = 0
 
@@ -849,6 +1051,7 @@ class _Upstream(asyncio.Protocol):
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._trailers: list[tuple[bytes, bytes]] = []
+        self.read_at = 0.0
 
     def attach(self, exchange: _Exchange, *, reused: bool) -> None:
         self.exchange = exchange
@@ -925,6 +1128,7 @@ class _Upstream(asyncio.Protocol):
             self.transport.close()  # bytes nobody asked for: this connection is not trusted
             return
         exchange.answered = True
+        self.read_at = 0.0  # a streamed answer's body: read once per read, in on_body
         proxy = self.proxy
         assert proxy.loop is not None
         self.deadline = proxy.loop.time() + proxy.timeouts.read
@@ -1021,6 +1225,12 @@ class _Upstream(asyncio.Protocol):
             return
         exchange = self.exchange
         if exchange is not None and self.final:
+            stream = exchange.stream
+            if stream is not None:
+                at = self.read_at
+                if not at:
+                    at = self.read_at = _now()
+                stream.read_at(at, self.proxy)
             if exchange.out_chunked:
                 exchange.client.write(b"%x\r\n%b\r\n" % (len(body), body))
             else:

@@ -115,6 +115,8 @@ def test_proxy_counts_mixed_statuses_and_times_the_model(tmp_path: Path) -> None
         assert datums[("Invocation4XXErrors", dims)] | {"values": []} == {
             "count": 32, "sum": 5, "values": []}
         assert datums[("Invocation5XXErrors", dims)]["sum"] == 3
+        assert datums[("InvocationModelErrors", dims)] | {"values": []} == {
+            "count": 32, "sum": 8, "values": []}  # 404s and 503s: any answer but 2XX
         assert datums[("InvocationsPerInstance", dims)]["sum"] == 32
     assert ("ContainerLatency", VARIANT) not in datums  # per container only
     model = sorted(datums[("ModelLatency", VARIANT)]["values"])
@@ -235,6 +237,10 @@ def test_upstream_down_dies_midway_or_silent_counts_5xx(tmp_path: Path) -> None:
     datums, _ = agent.stop()
     assert datums[("Invocation5XXErrors", VARIANT)] | {"values": []} == {
         "count": 2, "sum": 2, "values": []}
+    # the proxy's own 502 (the model broke mid-answer) and 504 (it stayed silent) are the
+    # model's errors too
+    assert datums[("InvocationModelErrors", VARIANT)] | {"values": []} == {
+        "count": 2, "sum": 2, "values": []}
 
 
 def test_unreachable_upstream_is_502(tmp_path: Path) -> None:
@@ -254,6 +260,7 @@ def test_unreachable_upstream_is_502(tmp_path: Path) -> None:
     proc.communicate(timeout=30)
     datums = invocation_datums(tmp_path / "calls.jsonl")
     assert datums[("Invocation5XXErrors", VARIANT)]["sum"] == 1
+    assert datums[("InvocationModelErrors", VARIANT)]["sum"] == 1  # could not reach the model
 
 
 def test_five_hundred_concurrent_connections(tmp_path: Path) -> None:
@@ -348,7 +355,9 @@ def test_asgi_hooks_in_uvicorn(tmp_path: Path) -> None:
     datums = invocation_datums(tmp_path / "calls.jsonl")
     assert datums[("Invocations", VARIANT)]["sum"] == 33
     assert datums[("Invocation4XXErrors", VARIANT)]["sum"] == 3
+    assert datums[("InvocationModelErrors", VARIANT)]["sum"] == 3  # from the hooks' statuses
     assert datums[("ModelLatency", VARIANT)]["count"] == 33
+    assert not any(name == "ConcurrentRequestsPerModel" for name, _ in datums)  # needs the proxy
 
 
 def test_wsgi_hooks_in_gunicorn_workers_count_each_request_once(tmp_path: Path) -> None:
@@ -364,6 +373,8 @@ def test_wsgi_hooks_in_gunicorn_workers_count_each_request_once(tmp_path: Path) 
     datums = invocation_datums(tmp_path / "calls.jsonl")
     assert datums[("Invocations", VARIANT)]["sum"] == 66
     assert datums[("Invocation5XXErrors", VARIANT)]["sum"] == 6
+    assert datums[("InvocationModelErrors", VARIANT)] | {"values": []} == {
+        "count": 66, "sum": 6, "values": []}
 
 
 def test_statsd_known_custom_and_garbage(tmp_path: Path) -> None:

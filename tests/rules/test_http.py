@@ -136,3 +136,79 @@ def test_no_hop_by_hop_field_ever_reaches_the_upstream(fields: list[tuple[bytes,
     names = [line.split(b":", 1)[0].lower() for line in lines]
     assert not set(names) & (http.HOP_BY_HOP | named)
     assert names.count(b"host") == 1
+
+
+@pytest.mark.parametrize(("method", "path", "expected"), [
+    (b"POST", b"/invocations", (http.INVOKE, b"")),
+    (b"POST", b"/models/m%201/invoke", (http.INVOKE, b"m%201")),
+    (b"POST", b"/models", (http.LOAD, b"")),
+    (b"GET", b"/models", (http.OTHER, b"")),          # list models: not counted
+    (b"GET", b"/models/m1", (http.OTHER, b"")),       # describe a model
+    (b"DELETE", b"/models/m1", (http.UNLOAD, b"m1")),
+    (b"DELETE", b"/models/m1/x", (http.OTHER, b"")),
+    (b"POST", b"/models//invoke", (http.OTHER, b"")),
+    (b"POST", b"/models/invoke", (http.OTHER, b"")),
+    (b"POST", b"/modelsX/a/invoke", (http.OTHER, b"")),
+    (b"GET", b"/ping", (http.OTHER, b""))])
+def test_multi_model_contract_paths(method: bytes, path: bytes,
+                                    expected: tuple[int, bytes]) -> None:
+    """SageMaker's multi-model container contract: invoke, load and unload are told apart;
+    what classify counts as INVOKE is what is_invocation counts."""
+    assert http.classify(method, path) == expected
+    if method == b"POST":
+        assert (expected[0] == http.INVOKE) is http.is_invocation(path)
+
+
+def test_model_names_become_bounded_printable_dimension_values() -> None:
+    assert http.model_name(http.path_segment(b"m%201.tar.gz")) == "m 1.tar.gz"
+    assert http.model_name(b"100%25") == "100%25"  # a header is taken as written
+    assert http.model_name(http.path_segment(b"a\x00b%0a")) == "a?b?"
+    assert http.model_name(b"\xff") == "\ufffd"
+    assert http.model_name(b"") == "Unknown"
+    assert len(http.model_name(b"x" * 5000)) == http.MAX_MODEL_NAME
+
+
+@pytest.mark.parametrize(("body", "name"), [
+    (b'{"model_name": "resnet", "url": "/opt/ml/models/resnet/model"}', "resnet"),
+    (b'{"model_name": "50%"}', "50%"),                # a body's name is not percent-decoded
+    (b'{"url": "/opt/ml/models/x"}', None), (b'{"model_name": 7}', None), (b"[1]", None),
+    (b"{not json", None), (b"\xff\xfe", None), (b"[" * 100_000, None), (b"", None)])
+def test_loaded_model_name_never_raises(body: bytes, name: str | None) -> None:
+    assert http.loaded_model_name(body) == name
+
+
+def test_sagemaker_routing_headers_are_read_and_forwarded() -> None:
+    req = http.check_request(b"POST", b"/models/m1/invoke", "1.1", [
+        *HOST, (b"X-Amzn-SageMaker-Target-Model", b"model-a.tar.gz"),
+        (b"x-amzn-sagemaker-inference-component", b"ic-1"), (b"Content-Type", b"text/csv")])
+    assert (req.target_model, req.component) == (b"model-a.tar.gz", b"ic-1")
+    assert req.head == (b"POST /models/m1/invoke HTTP/1.1\r\nHost: model\r\n"
+                        b"X-Amzn-SageMaker-Target-Model: model-a.tar.gz\r\n"
+                        b"x-amzn-sagemaker-inference-component: ic-1\r\n"
+                        b"Content-Type: text/csv\r\n\r\n")
+    assert http.check_request(b"POST", b"/invocations", "1.1", HOST).target_model is None
+
+
+@pytest.mark.parametrize(("headers", "is_head", "streamed"), [
+    ([(b"Transfer-Encoding", b"chunked")], False, True),
+    ([(b"content-type", b"Text/Event-Stream; charset=utf-8")], False, True),  # close-delimited
+    ([(b"Content-Type", b"text/event-stream"), (b"Transfer-Encoding", b"chunked")], False, True),
+    # its size known before its first byte: not a stream, whatever its type
+    ([(b"Content-Type", b"text/event-stream"), (b"Content-Length", b"5")], False, False),
+    ([(b"Content-Type", b"application/json"), (b"Content-Length", b"5")], False, False),
+    ([(b"Content-Type", b"application/json")], False, False),
+    ([(b"Transfer-Encoding", b"chunked")], True, False),
+    ([(b"Content-Type", b"text/event-stream")], True, False)])
+def test_streamed_answers_are_chunked_or_server_sent_events(
+        headers: list[tuple[bytes, bytes]], is_head: bool, streamed: bool) -> None:
+    answer = http.answer_head(200, b"OK", headers, is_head=is_head, client_1_1=True, keep=True)
+    assert http.is_streamed(answer.framing, headers) is streamed
+
+
+def test_fields_the_proxy_reads_are_still_forwarded_in_answers() -> None:
+    fields = [(b"X-Amzn-SageMaker-Target-Model", b"a"), (b"Link", b"</a>")]
+    assert http.interim_head(103, b"", fields) == (
+        b"HTTP/1.1 103 Early Hints\r\nX-Amzn-SageMaker-Target-Model: a\r\nLink: </a>\r\n\r\n")
+    answer = http.answer_head(200, b"OK", [*fields, (b"Content-Length", b"0")], is_head=False,
+                              client_1_1=True, keep=True)
+    assert b"X-Amzn-SageMaker-Target-Model: a\r\n" in answer.head
