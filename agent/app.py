@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from agent.aggregation.aggregator import Aggregator
 from agent.aggregation.instance import InstanceFigures
@@ -45,7 +46,7 @@ from agent.sources.system import CgroupReader, SystemSampler, default_disk_path
 from agent.sources.upstream_metrics import MetricsPage
 from agent.stdio import STDERR, STDOUT
 from agent.supervisor import FORWARDED, Supervisor, spawn_exit_code
-from agent.tasks import FAILURES, TaskFailures, guarded, read_counters, supervise
+from agent.tasks import FAILURES, guarded, read_counters, supervise
 
 # After the child exits, how long its pipes may stay open (a grandchild holding them)
 # before the agent stops reading and flushes what it has.
@@ -57,6 +58,12 @@ PREFIXES = {"cloudwatch_logs": "log_", "cloudwatch_metrics": "metric_", "proxy":
             "file": "file_"}
 
 _log = get_logger("app")
+
+
+class Counted(Protocol):
+    """Anything with self-telemetry: every source and sink, and the parts between."""
+
+    def counters(self) -> Mapping[str, int]: ...
 
 
 @dataclass(slots=True)
@@ -73,11 +80,12 @@ class Pipeline:
     statsd: StatsdSource
     sinks: list[Sink] = field(default_factory=list)
     sources: list[Source] = field(default_factory=list)
+    others: list[Counted] = field(default_factory=list)  # more parts with counters
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
-    def parts(self) -> Iterable[Source | Sink | AwsCaller | RequestMetrics | Publisher
-                                | TaskFailures]:
-        return (*self.sinks, self.caller, self.requests, self.publisher, *self.sources, FAILURES)
+    def parts(self) -> Iterable[Counted]:
+        return (*self.sinks, self.caller, self.requests, self.publisher, *self.sources,
+                *self.others, FAILURES)
 
     def stats(self) -> dict[str, int]:
         """Every counter, flat, for the last log line (and Prometheus' `agent_*_total`)."""
@@ -134,12 +142,16 @@ def build_pipeline(settings: Settings, identity: Identity, env: Mapping[str, str
                           udp=(udp.host, udp.port) if udp else None)
     pipeline = Pipeline(caller, logs, metrics, prom, requests, publisher, instance, statsd,
                         sinks=[s for s in (logs, metrics, prom, file_sink) if s is not None],
-                        sources=[statsd, instance])
+                        sources=[statsd, instance], others=[figures, STDERR])
     prom.latest.series = pipeline.series
     prom.latest.counters = lambda: {k: float(v) for k, v in pipeline.stats().items()
                                     if not k.endswith("_unsent")}  # gauges, in series()
     if settings.proxy_listen is not None and settings.proxy_upstream is not None:
         upstream = settings.proxy_upstream
+        page = (MetricsPage(prom.page, (upstream.host, upstream.port))
+                if settings.proxy_metrics else None)
+        if page is not None:
+            pipeline.others.append(page)
         proxy = RequestProxy(
             proxy_front(settings, env), (upstream.host, upstream.port), requests.on_record,
             timeouts=ProxyTimeouts(
@@ -147,8 +159,7 @@ def build_pipeline(settings: Settings, identity: Identity, env: Mapping[str, str
                 client_body=settings.proxy_client_body_timeout, send=settings.proxy_send_timeout,
                 keepalive=settings.proxy_keepalive_timeout,
                 connect=settings.proxy_connect_timeout, read=settings.proxy_timeout),
-            metrics_page=(MetricsPage(prom.page, (upstream.host, upstream.port))
-                          if settings.proxy_metrics else None),
+            metrics_page=page,
             on_concurrency=requests.on_concurrency)
         pipeline.sources.append(proxy)
         prom.requests.in_flight = lambda: proxy.in_flight
@@ -268,6 +279,7 @@ async def _run_child(settings: Settings, pipeline: Pipeline, argv: Sequence[str]
         _log.error("child_not_found" if code == EXIT_NOT_FOUND else "child_not_executable",
                    argv=list(argv), error=exc.strerror)
         return code
+    pipeline.others.append(supervisor)
     output.follow(out_fd, "stdout", STDOUT)
     output.follow(err_fd, "stderr", STDERR)
     await output.start()

@@ -51,6 +51,10 @@ class StdioWriter:
         self.held_dropped = 0
         self.bytes_discarded = 0
 
+    def counters(self) -> dict[str, int]:
+        """The agent's own log lines dropped while this stream was held (a slow reader)."""
+        return {"agent_log_lines_dropped": self.held_dropped}
+
     # ---- the child's side (its relay thread; may block) ------------------------------------
 
     def write_child(self, data: bytes) -> None:

@@ -184,5 +184,5 @@ class InstanceFigures:
             del points[:keep]
 
     def counters(self) -> dict[str, int]:
-        return {"samples": self.samples, "cpu_samples_late": self.late,
+        return {"cpu_samples_late": self.late,
                 "cpu_boundary_reads": self.boundary_reads}
