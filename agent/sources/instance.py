@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -47,12 +48,20 @@ class InstanceSampler:
         self.errors = 0
         self.late = 0
         self._task: asyncio.Task[None] | None = None
+        # One reading at a time (a cancelled tick's thread may still be reading), and a way
+        # to wake a thread waiting for its tick when the agent stops.
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
 
     async def start(self) -> None:
+        """A first reading now, kept only as the CPU counters' baseline (so every later
+        reading has a rate, however short the run), then one on every tick."""
+        await self.sample_once(deliver=False)
         self._task = supervise(self.name, self.run)
 
     async def stop(self, deadline: float) -> None:
         """Stop sampling and take one last sample (the final interval's end), by `deadline`."""
+        self._stopping.set()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -71,8 +80,9 @@ class InstanceSampler:
             await asyncio.sleep(max(0.0, tick - time.time() - WAKE_EARLY_S))
             await self.sample_once(tick)
 
-    async def sample_once(self, at: float | None = None) -> None:
-        """One sample of everything, at Unix time `at` (now when None)."""
+    async def sample_once(self, at: float | None = None, *, deliver: bool = True) -> None:
+        """One sample of everything, at Unix time `at` (now when None), handed to every
+        consumer unless `deliver` is false."""
         try:
             system, gpus = await asyncio.to_thread(self._sample, at)
         except Exception as exc:  # noqa: BLE001 - a sampler must never stop the agent
@@ -81,19 +91,21 @@ class InstanceSampler:
                 _log.error("sample_failed", error=repr(exc), errors=self.errors)
             return
         self.samples += 1
-        for consume in self._consumers:
-            consume(system, gpus)
+        if deliver:
+            for consume in self._consumers:
+                consume(system, gpus)
 
     def _sample(self, at: float | None) -> tuple[SystemReading, list[GpuReading]]:
         """In a worker thread: wait for the tick, read the CPU counters first, then the rest."""
         if at is not None:
             wait = at - time.time()
             if wait > 0:
-                time.sleep(wait)
+                self._stopping.wait(wait)
             elif wait < -0.1 * self._interval:
                 self.late += 1  # counted: the interval figures interpolate around it
-        system = self.system.sample()
-        gpus = self.gpu.sample() if self.gpu else []
+        with self._lock:
+            system = self.system.sample()
+            gpus = self.gpu.sample() if self.gpu else []
         return system, gpus
 
     def counters(self) -> dict[str, int]:

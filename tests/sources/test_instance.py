@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,3 +47,21 @@ def test_readings_fall_on_wall_clock_ticks() -> None:
     assert max(distances) < 0.05, distances
     steps = [b - a for a, b in zip(times, times[1:])]
     assert all(0.2 < s < 0.3 for s in steps), steps
+
+
+def test_a_run_shorter_than_a_tick_still_has_a_cpu_figure() -> None:
+    """Stopped while the first tick's reading still waits for its moment: the last reading
+    has a CPU rate all the same (a 0.5 s run used to publish no CPUUtilization at all, about
+    one time in four)."""
+    readings: list[SystemReading] = []
+
+    async def main() -> None:
+        sampler = InstanceSampler(SystemSampler(CgroupReader(), Path("/")),
+                                  [lambda system, _: readings.append(system)],
+                                  interval=30.0, boundary=60.0)
+        await sampler.start()
+        await asyncio.sleep(0)  # the tick's thread is waiting for its moment
+        await asyncio.wait_for(sampler.stop(time.monotonic() + 5), timeout=5)
+
+    asyncio.run(main())
+    assert readings and readings[-1].cpu_host_pct is not None
