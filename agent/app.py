@@ -200,6 +200,7 @@ async def shutdown(pipeline: Pipeline, deadline: float) -> None:
     for source in pipeline.sources:
         await guarded(f"stop_{source.name}", source.stop(deadline))
     await guarded("publish_last", _publish_last(pipeline.publisher))
+    pipeline.caller.hurry()  # retries waiting out a long backoff try again now
     # The file sink records the other sinks' calls: it closes after they have flushed.
     recorders = [sink for sink in pipeline.sinks if isinstance(sink, FileSink)]
     await asyncio.gather(*(guarded(f"stop_{sink.name}", sink.stop(deadline))

@@ -31,6 +31,8 @@ from agent.sinks.file import FileSink
 from agent.sinks.prometheus import Series
 
 _log = get_logger("aws")
+# Once the agent is stopping, the longest wait between two tries of a call.
+HURRY_RETRY_S = 0.5
 _SNAKE = re.compile(r"(?<!^)(?=[A-Z])")
 
 
@@ -67,10 +69,31 @@ class AwsCaller:
         self._lock = threading.Lock()
         self._failing_since: dict[str, float] = {}
         self.stats: Counter[tuple[str, str, str]] = Counter()
+        self._hurried = False
+        self._wake: asyncio.Event | None = None
 
     def counters(self) -> dict[str, int]:
         """Retries of every call, together (per API and kind: `stats`, on Prometheus)."""
         return {"retries": sum(v for k, v in self.stats.items() if k[0] == "retries")}
+
+    def hurry(self) -> None:
+        """Shutdown: calls waiting out a backoff try again now, and from then on at least
+        every `HURRY_RETRY_S` (the shutdown deadline bounds them), so a long backoff begun
+        during an outage cannot outlast the flush and push its batch into the spool."""
+        self._hurried = True
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _backoff(self, delay: float) -> None:
+        if self._hurried:
+            await asyncio.sleep(min(delay, HURRY_RETRY_S))
+            return
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._wake.wait(), delay)
+        except TimeoutError:
+            pass
 
     def series(self) -> list[Series]:
         """`stats` for Prometheus: `aws_calls{api,outcome}`, `aws_retries{api,kind}`, ..."""
@@ -110,11 +133,13 @@ class AwsCaller:
                 if not exc.retryable or exc.code in final:
                     raise
                 delay = self._policy.delay(attempt, Failure(exc.kind))
+                if self._hurried:
+                    delay = min(delay, HURRY_RETRY_S)
                 if time.monotonic() + delay > deadline:
                     raise
                 self.stats["retries", api, exc.kind] += 1
                 attempt += 1
-                await asyncio.sleep(delay)
+                await self._backoff(delay)
                 continue
             self.stats["calls", api, "ok"] += 1
             self.stats["bytes", api, ""] += size
