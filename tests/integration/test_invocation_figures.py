@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -166,14 +167,17 @@ def test_eight_concurrent_requests_held_300_ms_give_maximum_8(tmp_path: Path) ->
     agent = start(tmp_path)
     barrier = threading.Barrier(8)
     statuses: list[int] = []
+    seen_by_clients: list[float] = []  # each request's whole time, from its client's side
 
     def client() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=30)
         conn.connect()
         barrier.wait()
+        began = time.monotonic()
         conn.request("POST", "/invocations?hold_ms=300", body=b"{}")
         answer = conn.getresponse()
         answer.read()
+        seen_by_clients.append(time.monotonic() - began)
         statuses.append(answer.status)
         conn.close()
 
@@ -188,9 +192,11 @@ def test_eight_concurrent_requests_held_300_ms_give_maximum_8(tmp_path: Path) ->
     for dims in (VARIANT, CONTAINER):
         concurrency = got[("ConcurrentRequestsPerModel", dims)]
         assert (concurrency["max"], concurrency["min"]) == (8, 0), concurrency
-        # Sum = request-seconds in flight (8 × 0.3 s plus the proxy's and HTTP's own time),
+        # Sum = request-seconds in flight: at least 8 × 0.3 s held by the server, at most
+        # what the clients measured around the same requests (a busy machine stretches both).
         # SampleCount = seconds sampled, Average = their ratio, the mean in flight.
-        assert 2.4 <= concurrency["sum"] <= 2.4 + 8 * 0.05, concurrency
+        assert 2.4 <= concurrency["sum"] <= sum(seen_by_clients) + 0.01, (concurrency,
+                                                                          seen_by_clients)
         assert 0 < concurrency["sum"] / concurrency["count"] < 8
 
 
