@@ -186,6 +186,7 @@ class ChildOutputSource:
         self._emit = emit
         self._saturated = saturated
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
         self.events = 0
         self.finished = asyncio.Event()
 
@@ -205,7 +206,11 @@ class ChildOutputSource:
 
     async def stop(self, deadline: float) -> None:
         """Wait for the pipes' EOF until `deadline` (a descendant may hold them open), then
-        frame what is queued and emit every half-built event."""
+        frame what is queued and emit every half-built event. Once: a second call (the
+        shutdown's, after the agent already waited for the child's pipes) returns at once."""
+        if self._stopped:
+            return
+        self._stopped = True
         wait = max(0.0, deadline - time.monotonic())
         try:
             async with asyncio.timeout(wait):
