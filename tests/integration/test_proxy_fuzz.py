@@ -28,7 +28,7 @@ so that hypothesis reports (and shrinks) each kind of failure on its own:
   connection (an upstream failure, `Connection: close`, HTTP/1.0) excused the close;
 - `ProtocolViolation`: answers are well-formed HTTP/1.1 for the request they answer.
 
-Knobs: PROXY_FUZZ_EXAMPLES (default 80), PROXY_FUZZ_SHRINK_S (seconds of shrinking,
+Knobs: PROXY_FUZZ_EXAMPLES (default 50), PROXY_FUZZ_SHRINK_S (seconds of shrinking,
 default 120; 0 reports the first failing example unshrunk), PROXY_FUZZ_ONLY (failure
 classes to report, comma-separated, to look past a known one).
 """
@@ -67,7 +67,7 @@ TIMEOUT_ENV = {f"TELEMETRY_PROXY_{name}": "1" for name in (
 MARGIN_S = 2.5  # scheduling slack on a loaded machine
 HANG_S = TIMEOUT_S + MARGIN_S  # the longest the agent may leave a waiting client without a byte
 UPSTREAM_IO_S = 20.0
-EXAMPLES = int(os.environ.get("PROXY_FUZZ_EXAMPLES", "80"))
+EXAMPLES = int(os.environ.get("PROXY_FUZZ_EXAMPLES", "50"))
 SHRINK_S = int(os.environ.get("PROXY_FUZZ_SHRINK_S", "120"))
 ONLY = set(filter(None, os.environ.get("PROXY_FUZZ_ONLY", "").split(",")))
 
