@@ -99,15 +99,18 @@ class InstanceFigures:
                 self._aggregator.add(key, figure.value, system.timestamp)
 
     def _cpu_sample(self, metric: str, view: str, value: float, system: SystemReading) -> None:
-        """A per-second CPU rate counts in the interval that holds the middle of its window."""
+        """A per-second CPU rate counts in the interval that holds the middle of its window;
+        one whose interval was published before it arrived (a loaded machine) counts in the
+        first open interval instead (its CPU time is in the published Average already; here it
+        only adds to SampleCount and Min/Max), so a short run never ends without a CPU figure."""
         middle = system.timestamp - (system.window_s or 0.0) / 2
         interval = self._aggregator.interval
         start = int(middle // interval) * interval
         if start < self._closed_until:
-            self.late += 1  # its interval closed already (its CPU time is in the Average)
+            self.late += 1
             if first_or_every(self.late):
                 _log.warning("cpu_sample_late", late=self.late)
-            return
+            start = int(self._closed_until)
         self._pending.setdefault(start, {}).setdefault((metric, view), Statistic()).add(value)
 
     def _mark(self, counters: CpuCounters) -> None:
@@ -157,7 +160,9 @@ class InstanceFigures:
                 self._aggregator.put(start, key, with_average(samples, value))
             if ended:
                 del self._pending[start]
-                self._closed_until = max(self._closed_until, end)
+        # Every interval that ended is published now, with samples or without: a reading for
+        # one of them that arrives later must not reopen it.
+        self._closed_until = max(self._closed_until, int(now // interval) * interval)
         self._prune()
 
     def _read_boundary(self) -> None:

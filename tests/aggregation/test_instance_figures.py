@@ -143,3 +143,23 @@ def test_put_replaces_and_refuses_published_intervals() -> None:
     assert not aggregator.put(1000, key, Statistic(1.0, 1.0, 1.0, 1.0))
     assert aggregator.late == 1
 
+
+
+def test_reading_after_its_interval_was_published_still_gives_a_cpu_figure(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loaded machine: the interval closes before any reading with a rate arrived, then the
+    one reading of a short run comes in, its window's middle in the published interval. It is
+    counted late and counts in the open interval, so the run still has its CPU figure (it
+    used to be put into the published interval and refused: no CPUUtilization at all)."""
+    s = Scenario(tmp_path, monkeypatch)
+    s.reading()  # the baseline, at START - 0.5: no rate yet
+    s.run_to(5.6, 1.0)  # to START + 5.1
+    s.figures.flush()
+    s.aggregator.close(s.clock.time())  # [START, START+5) published, without CPU
+    s.reading()  # window [START - 0.5, START + 5.1]: its middle is in the published interval
+    s.clock.advance(0.1)
+    s.figures.flush()
+    final = [c for c in s.aggregator.close(s.clock.time(), force=True) if c.start == START + 5]
+    assert final and any(k.name == "CPUUtilization" for k in final[0].stats)
+    assert s.figures.counters()["cpu_samples_late"] == 4  # 2 metrics x 2 views
+    assert s.aggregator.late == 0
