@@ -46,9 +46,8 @@ def test_lines_traceback_and_huge_line_arrive_once_in_order(
         "    print(f'line {i:07d} ' + 'x' * 80)\n"
         "try:\n"
         "    1 / 0\n"
-        "except ZeroDivisionError:\n"
-        "    print('division failed:')\n"
-        "    import traceback; traceback.print_exc(file=sys.stdout)\n"
+        "except ZeroDivisionError:\n"  # header and traceback in one write, as logging does
+        "    import traceback; sys.stdout.write('division failed:\\n' + traceback.format_exc())\n"
         "print('y' * 3_000_000)\n"
         "print('last line')\n")
     env = cloud_env(tmp_path, proxy, TELEMETRY_INTERVAL="1", TELEMETRY_SAMPLE_INTERVAL="0.2",
