@@ -410,3 +410,21 @@ class TestStartup:
         done = run_agent([PY, "-c", code], env)
         assert done.returncode == 0 and done.stdout == b"True\n", done.stderr
         assert list(tmp.iterdir()) == []
+
+    def test_hook_socket_works_under_a_deep_tmpdir(self, env: dict[str, str],
+                                                   tmp_path: Path) -> None:
+        """A `TMPDIR` too deep for a Unix socket's path (sun_path holds 108 bytes): the
+        socket goes to a private directory under /tmp instead of the hooks being switched
+        off, and that directory is removed too. Before, hook_socket_unavailable."""
+        tmp = tmp_path / ("d" * 60) / ("e" * 60)
+        tmp.mkdir(parents=True)
+        env["TMPDIR"] = str(tmp)
+        code = ("import os, stat; p = os.environ['TELEMETRY_HOOK_SOCKET']; "
+                "print(p, stat.S_ISSOCK(os.stat(p).st_mode), "
+                "oct(os.stat(os.path.dirname(p)).st_mode & 0o777))")
+        done = run_agent([PY, "-c", code], env)
+        assert done.returncode == 0, done.stderr
+        path, is_socket, mode = done.stdout.decode().split()
+        assert is_socket == "True" and mode == "0o700" and len(path) < 108
+        assert b"hook_socket_unavailable" not in done.stderr
+        assert not Path(path).parent.exists() and list(tmp.iterdir()) == []

@@ -23,6 +23,9 @@ from agent.model import RequestRecord
 from agent.rules.statsd import Sample, split_datagram
 
 RECEIVE_BUFFER = 4 << 20  # room for bursts while the loop is busy elsewhere
+# A Unix socket's path must fit sun_path: 108 bytes with its NUL on Linux, 104 on macOS.
+SOCKET_PATH_MAX = 103
+SHORT_TMP = "/tmp"
 
 _log = get_logger("statsd")
 
@@ -67,6 +70,17 @@ async def listen_udp(intake: DatagramIntake, host: str, port: int) -> asyncio.Da
     transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
         lambda: intake, sock=sock)
     return transport
+
+
+def private_dir() -> Path:
+    """A new directory only this user can enter, for the hook socket: under `$TMPDIR`, or
+    under /tmp when `$TMPDIR` is so deep that the socket's path would not fit sun_path
+    (a deep `TMPDIR`, as CI runners and pytest set, would otherwise switch the hooks off)."""
+    made = Path(tempfile.mkdtemp(prefix="telemetry-agent-"))
+    if len(os.fsencode(made / "hooks.sock")) <= SOCKET_PATH_MAX:
+        return made
+    made.rmdir()
+    return Path(tempfile.mkdtemp(prefix="telemetry-agent-", dir=SHORT_TMP))
 
 
 async def listen_unix(intake: DatagramIntake, path: Path) -> asyncio.DatagramTransport:
@@ -135,7 +149,7 @@ class StatsdSource:
         stays off (the child runs regardless); raises nothing."""
         path = self._requested
         if path is None:
-            self._made_dir = Path(tempfile.mkdtemp(prefix="telemetry-agent-"))
+            self._made_dir = private_dir()
             path = self._made_dir / "hooks.sock"
         try:
             self.transports.append(await listen_unix(self.intake, path))
