@@ -69,8 +69,9 @@ def test_child_output_framing_survives_an_emit_that_raises(tmp_path: Path) -> No
         emitted.extend(e.message for e in events)
 
     async def main() -> None:
+        # A short idle flush: the single line is emitted after 0.1 s of quiet, not 5 s.
         source = ChildOutputSource(Intake(asyncio.get_running_loop()), streams=("stdout",),
-                                   emit=emit)
+                                   idle_flush_s=0.1, emit=emit)
         source.follow(read_fd, "stdout", StdioWriter(sink))
         await source.start()
         os.write(write_fd, b"lost with the failed emit\n")
