@@ -78,6 +78,12 @@ def agent_events(stderr: bytes) -> list[dict[str, Any]]:
     return events
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The reliability matrix first: its long tests (a 60 s outage) then overlap the rest of
+    the suite on the other worker instead of ending the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("reliability") is None)
+
+
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
     return base_env(tmp_path)

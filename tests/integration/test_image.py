@@ -58,6 +58,7 @@ def test_dockerfile_runs_as_a_non_root_user() -> None:
     assert "--uid 10001" in (ROOT / "Dockerfile").read_text()
 
 
+@pytest.mark.xdist_group("fixed_ports")  # binds a fixed port: one worker runs these
 def test_image_entrypoint_serves_and_ships_metrics_and_logs(tmp_path: Path, moto: MotoServer) -> None:
     moto.reset()
     argv, image_env, _ = dockerfile()

@@ -19,6 +19,7 @@ TOKEN = "FwoGZXIvYXdzEXAMPLE-SESSION-TOKEN-5678"
 pytestmark = pytest.mark.timeout(120)
 
 
+@pytest.mark.xdist_group("fixed_ports")  # binds a fixed port: one worker runs these
 def test_default_listeners_bind_loopback_and_the_hook_socket_is_private(tmp_path: Path) -> None:
     env = base_env(tmp_path)
     for name in ("TELEMETRY_PROMETHEUS", "TELEMETRY_STATSD"):
