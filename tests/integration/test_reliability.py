@@ -3,7 +3,7 @@ unaffected, the agent stays up (or exits with a clear message where that is righ
 the design keeps is lost, and memory stays within its bound. Each test prints one
 `RELIABILITY | row | figure` line; docs/reliability.md's table comes from a run with `-s`.
 
-Run on its own with `pytest -m reliability -s -p no:xdist` (the figures print only without
+Run on its own with `pytest -m reliability -s -n 0` (the figures print only without
 xdist's workers). Rows covered elsewhere: 30 % throttling, a 15 s outage, credentials
 rejected then fixed (test_delivery.py), malformed HTTP (test_requests.py), a child ignoring
 SIGTERM and invalid UTF-8 (test_supervisor.py), Prometheus's port taken
