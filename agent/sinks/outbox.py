@@ -768,13 +768,17 @@ class Outbox(Generic[T]):
         """
         if self._spool is None:
             return 0
-        if self._worker is not None and not self._worker.drain(IO_DRAIN_S):
-            _log.error("spool_write_failed", outbox=self.name, at="shutdown",
-                       error=f"the disk did not finish queued writes in {IO_DRAIN_S} s")
+        # Inline from here on, *before* the finished writes are applied: applying one can
+        # evict (unlink) an older segment, and that unlink must be done when the count below
+        # is returned, not still queued on a thread nobody waits for (the next agent would
+        # find the file, deliver items counted as dropped, or lose it between scan and read).
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            if not worker.drain(IO_DRAIN_S):
+                _log.error("spool_write_failed", outbox=self.name, at="shutdown",
+                           error=f"the disk did not finish queued writes in {IO_DRAIN_S} s")
+            worker.close()
         self._reap()
-        if self._worker is not None:
-            self._worker.close()
-            self._worker = None  # from here on, inline
         for batch in list(self._inflight.values()):
             self.give_back(batch)
         try:

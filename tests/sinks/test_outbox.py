@@ -117,6 +117,43 @@ def test_persist_and_restart_keep_order(tmp_path: Path) -> None:
     assert drain(again) == list(range(22))
 
 
+def test_persist_returns_with_the_spool_as_counted_while_the_worker_lags(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shutdown with two background writes finished but not yet applied: applying the
+    second puts the spool over its bound and evicts the first. That unlink must be done
+    when `persist` returns its count, however slow the worker thread is (here it is held
+    until the end), or the next agent delivers items counted as dropped (or finds the file
+    gone between its scan and its read). Every item is dropped or kept, never both."""
+    gate = threading.Event()
+    real_unlink = outbox_module._unlink
+
+    def unlink(path: Path) -> None:
+        if threading.current_thread().name.startswith("spool-"):
+            gate.wait(30)  # the worker is slow: nothing it is handed now runs before the end
+        real_unlink(path)
+
+    monkeypatch.setattr(outbox_module, "_unlink", unlink)
+    spool = tmp_path / "spool"
+
+    async def main() -> tuple[int, int, list[str]]:
+        box = make(tmp_path, spool_max=50)  # one segment of ~35 bytes fits, two do not
+        box.put(range(11))  # two batches spill on the worker; no yield, so none is applied
+        assert box.stats.spilled_items == 6 and box.spool_bytes == 0
+        kept = box.persist()
+        return kept, box.stats.dropped["spool_full"], sorted(p.name for p in spool.glob("*.seg"))
+
+    try:
+        kept, dropped, files = asyncio.run(main())
+    finally:
+        gate.set()
+    assert kept + dropped == 11 and dropped >= 3  # the first batch was evicted
+    assert sum(int(name.removesuffix(".seg").split("-")[1]) for name in files) == kept, files
+    again = make(tmp_path, spool_max=1 << 20)
+    assert again.stats.restored_items == kept
+    assert drain(again) == list(range(11 - kept, 11))
+    assert again.stats.spool_errors == 0
+
+
 def test_unwritable_spool_falls_back_to_dropping(tmp_path: Path) -> None:
     box = make(tmp_path)
     os.chmod(tmp_path / "spool", 0o500)
