@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,21 @@ def log_messages(path: Path) -> list[str]:
         if record["api"] == "PutLogEvents":
             out.extend(e["message"] for e in record["params"]["logEvents"])
     return out
+
+
+def wait_for_stderr(proc: subprocess.Popen[bytes], expected: bytes, timeout: float = 30) -> bytes:
+    """Read the agent's stderr up to the line holding `expected`; return what was read."""
+    assert proc.stderr is not None
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        seen += line
+        if expected in line:
+            return seen
+        if not line:
+            break
+    raise AssertionError(f"{expected!r} never logged: {seen[-2000:]!r}")
 
 
 def agent_events(stderr: bytes) -> list[dict[str, Any]]:

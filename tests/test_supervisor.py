@@ -22,7 +22,7 @@ import pytest
 import structlog.testing
 
 from agent import supervisor
-from tests.conftest import AGENT, agent_events, base_env, log_messages, run_agent
+from tests.conftest import AGENT, agent_events, base_env, log_messages, run_agent, wait_for_stderr
 
 PY = sys.executable
 
@@ -212,21 +212,6 @@ def ping(port: int) -> None:
     KeyboardInterrupt handling is in place), not just bound."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=20) as answer:  # noqa: S310
         assert answer.status == 200
-
-
-def wait_for_stderr(proc: subprocess.Popen[bytes], expected: bytes, timeout: float = 30) -> bytes:
-    """Read the agent's stderr up to the line holding `expected`; return what was read."""
-    assert proc.stderr is not None
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        seen += line
-        if expected in line:
-            return seen
-        if not line:
-            break
-    raise AssertionError(f"{expected!r} never logged: {seen[-2000:]!r}")
 
 
 class TestInitSignals:

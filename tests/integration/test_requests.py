@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from tests.cloud import free_port
-from tests.conftest import AGENT, agent_events, base_env, read_calls
+from tests.conftest import AGENT, agent_events, base_env, read_calls, wait_for_stderr
 
 pytestmark = pytest.mark.timeout(180)
 ROOT = Path(__file__).parent.parent.parent
@@ -381,15 +381,14 @@ def test_statsd_known_custom_and_garbage(tmp_path: Path) -> None:
     port = free_port()
     env = base_env(tmp_path, TELEMETRY_STATSD=f"127.0.0.1:{port}")
     proc = subprocess.Popen([*AGENT, "run"], env=env, stderr=subprocess.PIPE)
-    time.sleep(1.5)
+    wait_for_stderr(proc, b'"agent_started"')  # logged once the listeners are bound
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     for i in range(100):
         sock.sendto(b"sagemaker.invocation:%d|ms|#status:200" % (i % 10 + 1), ("127.0.0.1", port))
     sock.sendto(b"queue_depth:5|g|#queue:a\nqueue_depth:7|g|#queue:a", ("127.0.0.1", port))
     sock.sendto(b"cache_hits:3|c|@0.5", ("127.0.0.1", port))
     sock.sendto(b"\xff\xfe garbage\nno-colon\nx:1|zz\nnan:NaN|g", ("127.0.0.1", port))
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # what waits in the socket's queue is taken at stop
     _, err = proc.communicate(timeout=30)
     datums = invocation_datums(tmp_path / "calls.jsonl")
     assert datums[("Invocations", VARIANT)]["sum"] == 100
