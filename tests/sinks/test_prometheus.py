@@ -23,13 +23,8 @@ from agent.sinks.prometheus import (
     PrometheusSink,
     ReadingsCollector,
 )
+from tests.cloud import free_port
 from tests.conftest import AGENT, base_env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int, timeout: float = 40) -> str:
@@ -61,8 +56,7 @@ class TestPrometheus:
                                  "import time; print('up', flush=True); time.sleep(30)"],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            time.sleep(0.5)
-            text = scrape(port)
+            text = scrape(port)  # polls until a sample with a CPU figure is served
         finally:
             proc.terminate()
             proc.wait(timeout=20)
