@@ -55,6 +55,8 @@ for _ in range(int(sys.argv[1])):
             time.sleep(0.01)
 for child in children:
     child.kill()
+from agent.stdio import STDERR
+STDERR.flush(30)  # the agent's log lines are written by a thread: out before exiting, as cli does
 print(json.dumps({"available": sampler.available, "rounds": rounds,
                   "counters": sampler.counters(),
                   "children": [[c.pid, "sleep"] for c in children]}))
