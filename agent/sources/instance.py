@@ -52,6 +52,7 @@ class InstanceSampler:
         # to wake a thread waiting for its tick when the agent stops.
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._gpu_init: asyncio.Future[GpuSampler] | None = None
 
     async def start(self) -> None:
         """A first reading now, kept only as the CPU counters' baseline (so every later
@@ -65,6 +66,13 @@ class InstanceSampler:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._gpu_init is not None and self.gpu is None:
+            # NVML's start-up runs on a thread that cancelling `run` cannot stop: let it
+            # finish (and log) before `agent_stopped`, and read its GPUs in the last sample;
+            # half the time left at most, so a hung driver still leaves time for that sample.
+            await asyncio.wait([self._gpu_init], timeout=max(0.0, deadline - time.monotonic()) / 2)
+            if self._gpu_init.done() and not self._gpu_init.exception():
+                self.gpu = self._gpu_init.result()
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 await self.sample_once()
@@ -74,7 +82,8 @@ class InstanceSampler:
     async def run(self) -> None:
         """Sample on every tick until cancelled."""
         if self.gpu is None:
-            self.gpu = await asyncio.to_thread(GpuSampler)
+            self._gpu_init = asyncio.ensure_future(asyncio.to_thread(GpuSampler))
+            self.gpu = await asyncio.shield(self._gpu_init)
         while True:
             tick = next_tick(time.time(), self._interval, self._boundary)
             await asyncio.sleep(max(0.0, tick - time.time() - WAKE_EARLY_S))

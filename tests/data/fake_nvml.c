@@ -14,10 +14,12 @@
  * Built with -DOLD_DRIVER, the MIG and running-process functions are missing (an old driver).
  * Every call is counted per function in the file named by FAKE_NVML_CALLS (when set): one
  * line "<function>" appended per call, so a test can see an error loop.
+ * FAKE_NVML_INIT_DELAY_MS makes nvmlInit take that long, as a driver starting up does.
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define NVML_SUCCESS 0
 #define NVML_ERROR_INVALID_ARGUMENT 2
@@ -108,7 +110,12 @@ static int device(void *handle, gpu_t *out, int *slot) {
     return NVML_SUCCESS;
 }
 
-int nvmlInitWithFlags(unsigned int flags) { gpu_t g[MAX_GPUS]; int c; (void)flags; return load(g, &c); }
+int nvmlInitWithFlags(unsigned int flags) {
+    gpu_t g[MAX_GPUS]; int c; (void)flags;
+    const char *delay = getenv("FAKE_NVML_INIT_DELAY_MS");  /* a slow driver start-up */
+    if (delay) usleep((useconds_t)atoi(delay) * 1000);
+    return load(g, &c);
+}
 int nvmlInit_v2(void) { return nvmlInitWithFlags(0); }
 int nvmlShutdown(void) { return NVML_SUCCESS; }
 

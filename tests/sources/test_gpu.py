@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import agent_events, base_env, read_calls, run_agent
+
 SOURCE = Path(__file__).parent.parent / "data" / "fake_nvml.c"
 PROBE = """
 import json, os, subprocess, sys, time
@@ -250,3 +252,20 @@ class TestProcessMemory:
                                        "processes": []}] for r in result["rounds"])  # type: ignore[union-attr]
         assert err.count("gpu_processes_unavailable") == 1
         assert result["counters"]["gpu_read_errors"] == 0  # type: ignore[index]
+
+
+def test_slow_nvml_start_finishes_before_agent_stopped(fake_nvml: Path, tmp_path: Path) -> None:
+    """A driver whose nvmlInit takes 1.5 s, and a child that exits at once: the agent's
+    shutdown waits for NVML's start-up (a thread cancelling cannot stop), so its line comes
+    before `agent_stopped`, which stays the last line, and the last interval has the GPU.
+    Before, `gpu_metrics_started` was logged after `agent_stopped` and the GPU was missing."""
+    (tmp_path / "state").write_text("1\n" + gpu_line(30, 500))
+    env = base_env(tmp_path, LD_LIBRARY_PATH=str(fake_nvml), FAKE_NVML_INIT_DELAY_MS="1500",
+                   FAKE_NVML_STATE=str(tmp_path / "state"))
+    done = run_agent([sys.executable, "-c", "pass"], env)
+    assert done.returncode == 0, done.stderr
+    events = [e["event"] for e in agent_events(done.stderr)]
+    assert "gpu_metrics_started" in events and events[-1] == "agent_stopped", events
+    datums = [d["MetricName"] for r in read_calls(tmp_path / "calls.jsonl")
+              if r["api"] == "PutMetricData" for d in r["params"]["MetricData"]]
+    assert "GPUUtilization" in datums, sorted(set(datums))
