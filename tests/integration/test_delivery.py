@@ -221,11 +221,14 @@ def test_spool_survives_a_restart(tmp_path: Path, moto: MotoServer, proxy: Fault
 
 def test_shutdown_delivers_everything_within_five_seconds(tmp_path: Path, moto: MotoServer,
                                                           proxy: FaultProxy) -> None:
-    """Everything buffered reaches a healthy endpoint within 5 s of the child's exit."""
+    """Everything buffered reaches a healthy endpoint within 5 s of the child's exit: the
+    shutdown flushes at once instead of waiting for the batch timer (5 s) or the interval
+    (60 s). 20,000 lines, most still buffered at the exit, take ~0.3 s to deliver on a quiet
+    machine, so a machine four times busier (stress-ng beside the suite) stays inside."""
     env = cloud_env(tmp_path, proxy)
-    code, _, err = RunningAgent(printer(100000), env).wait()
+    code, _, err = RunningAgent(printer(20000), env).wait()
     assert code == 0
-    assert len(stored_messages(moto)) == 100000
+    assert len(stored_messages(moto)) == 20000
     events = {e["event"]: dt.datetime.fromisoformat(e["timestamp"]) for e in agent_events(err)}
     flush = (events["agent_stopped"] - events["child_exited"]).total_seconds()
     assert flush < 5.0, flush
