@@ -135,8 +135,10 @@ def test_the_wire_format_round_trips_exactly(tally: dict[tuple[int, int, int | N
 
 def test_a_burst_from_four_threads_loses_nothing(monkeypatch: pytest.MonkeyPatch,
                                                  tmp_path: Path) -> None:
-    """200,000 requests from 4 threads at full speed, to a socket read slowly (the kernel
-    queues 10 datagrams): no call blocks, every request arrives with its exact latencies."""
+    """200,000 requests from 4 threads at full speed, to a socket nobody reads until they
+    are done, then read slowly (the kernel queues 10 datagrams): no call blocks (the
+    threads finish while the socket is full, however busy the machine), every request
+    arrives with its exact latencies."""
     path = tmp_path / "slow.sock"
     server = listen(path)
     monkeypatch.setenv("TELEMETRY_HOOK_SOCKET", str(path))
@@ -145,6 +147,7 @@ def test_a_burst_from_four_threads_loses_nothing(monkeypatch: pytest.MonkeyPatch
     done = threading.Event()
 
     def slow_reader() -> None:
+        senders_done.wait()  # a stalled agent: any call that waited on the socket hangs
         server.settimeout(0.05)
         while not done.is_set():
             try:
@@ -155,23 +158,22 @@ def test_a_burst_from_four_threads_loses_nothing(monkeypatch: pytest.MonkeyPatch
             time.sleep(0.02)  # a busy agent
 
     def sender(index: int) -> None:
-        worst = 0.0
         for i in range(50_000):
             micros = 1000 + (i * 7 + index) % 30_000
-            started = time.perf_counter()
             hooks.record(status=200 if i % 100 else 500, model_s=micros / 1e6,
                          container_s=(micros + 250) / 1e6 if i % 2 else None)
-            worst = max(worst, time.perf_counter() - started)
-        slowest[index] = worst
 
-    slowest = [0.0] * 4
+    senders_done = threading.Event()
     reader = threading.Thread(target=slow_reader)
     reader.start()
     threads = [threading.Thread(target=sender, args=(i,)) for i in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(timeout=120)
+    blocked = [thread for thread in threads if thread.is_alive()]
+    senders_done.set()
+    assert not blocked, "a hook call waited on the full socket"
     assert hooks.flush(timeout=30.0)
     time.sleep(0.2)
     done.set()
@@ -186,7 +188,6 @@ def test_a_burst_from_four_threads_loses_nothing(monkeypatch: pytest.MonkeyPatch
     assert len(received) == 200_000
     assert keyed(received) == expected
     assert hooks.dropped() == before
-    assert max(slowest) < 0.5  # no call waited on the socket (generous: a busy CI box)
 
 
 def test_async_inference_stays_a_coroutine_function(monkeypatch: pytest.MonkeyPatch,
