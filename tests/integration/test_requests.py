@@ -144,8 +144,12 @@ def test_chunked_both_ways_and_streamed_first_byte(tmp_path: Path) -> None:
     first = answer.read1(100)
     first_at = time.monotonic() - started
     rest = answer.read()
-    assert first.startswith(b"chunk 0") and first_at < 0.5
-    assert (first + rest).count(b"chunk") == 5 and time.monotonic() - started > 1.2
+    whole = time.monotonic() - started
+    # Passed on at once, not held until the end: the first chunk came at least three of the
+    # four 300 ms gaps before the last (measured in the same window, so a busy machine that
+    # slows both cannot fail it; a buffering proxy delivers both at once).
+    assert first.startswith(b"chunk 0") and first_at < whole - 0.9, (first_at, whole)
+    assert (first + rest).count(b"chunk") == 5 and whole > 1.2
     conn.close()
     datums, _ = agent.stop()
     assert datums[("Invocations", VARIANT)]["sum"] == 2
