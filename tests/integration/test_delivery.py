@@ -223,8 +223,9 @@ def test_shutdown_delivers_everything_within_five_seconds(tmp_path: Path, moto: 
                                                           proxy: FaultProxy) -> None:
     """Everything buffered reaches a healthy endpoint within 5 s of the child's exit: the
     shutdown flushes at once instead of waiting for the batch timer (5 s) or the interval
-    (60 s). 20,000 lines, most still buffered at the exit, take ~0.3 s to deliver on a quiet
-    machine, so a machine four times busier (stress-ng beside the suite) stays inside."""
+    (60 s). 20,000 lines, most still buffered at the exit, take 0.8-1.1 s to reach moto
+    through the tests' proxy on a quiet machine and 1.3-2.5 s beside stress-ng and the other
+    worker; 100,000 took 5.55 s there, a figure of the machine, not of the agent."""
     env = cloud_env(tmp_path, proxy)
     code, _, err = RunningAgent(printer(20000), env).wait()
     assert code == 0
