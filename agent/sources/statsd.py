@@ -79,8 +79,12 @@ def private_dir() -> Path:
     made = Path(tempfile.mkdtemp(prefix="telemetry-agent-"))
     if len(os.fsencode(made / "hooks.sock")) <= SOCKET_PATH_MAX:
         return made
+    try:
+        short = Path(tempfile.mkdtemp(prefix="telemetry-agent-", dir=SHORT_TMP))
+    except OSError:
+        return made  # no usable /tmp: the bind fails and says so, as it would have
     made.rmdir()
-    return Path(tempfile.mkdtemp(prefix="telemetry-agent-", dir=SHORT_TMP))
+    return short
 
 
 async def listen_unix(intake: DatagramIntake, path: Path) -> asyncio.DatagramTransport:
@@ -148,14 +152,15 @@ class StatsdSource:
         """Bind the hook socket, then the UDP port. A failure is logged and that listener
         stays off (the child runs regardless); raises nothing."""
         path = self._requested
-        if path is None:
-            self._made_dir = private_dir()
-            path = self._made_dir / "hooks.sock"
         try:
+            if path is None:
+                self._made_dir = private_dir()
+                path = self._made_dir / "hooks.sock"
             self.transports.append(await listen_unix(self.intake, path))
             self.hook_socket = path
         except OSError as exc:
-            _log.error("hook_socket_unavailable", path=str(path), error=str(exc))
+            _log.error("hook_socket_unavailable", path=str(path or tempfile.gettempdir()),
+                       error=str(exc))
         if self._udp is not None:
             host, port = self._udp
             try:
