@@ -20,6 +20,8 @@ _log = get_logger("instance")
 # The loop wakes this much before a tick; the sampling thread waits out the rest with
 # time.sleep, so a busy event loop does not delay the reading at an interval boundary.
 WAKE_EARLY_S = 0.05
+# How long a shutdown waits for NVML still starting (a driver may take seconds).
+GPU_START_WAIT_S = 3.0
 
 
 class InstanceSampler:
@@ -69,8 +71,9 @@ class InstanceSampler:
         if self._gpu_init is not None and self.gpu is None:
             # NVML's start-up runs on a thread that cancelling `run` cannot stop: let it
             # finish (and log) before `agent_stopped`, and read its GPUs in the last sample;
-            # half the time left at most, so a hung driver still leaves time for that sample.
-            await asyncio.wait([self._gpu_init], timeout=max(0.0, deadline - time.monotonic()) / 2)
+            # briefly: a hung driver must not take the time the sinks need to flush.
+            left = max(0.0, deadline - time.monotonic())
+            await asyncio.wait([self._gpu_init], timeout=min(GPU_START_WAIT_S, left / 4))
             if self._gpu_init.done() and not self._gpu_init.exception():
                 self.gpu = self._gpu_init.result()
         try:
@@ -83,6 +86,9 @@ class InstanceSampler:
         """Sample on every tick until cancelled."""
         if self.gpu is None:
             self._gpu_init = asyncio.ensure_future(asyncio.to_thread(GpuSampler))
+            # Its outcome is read here or by `stop`; a failure nobody waited for is not a
+            # "never retrieved" warning (the supervisor sees it through `run`).
+            self._gpu_init.add_done_callback(lambda f: f.cancelled() or f.exception())
             self.gpu = await asyncio.shield(self._gpu_init)
         while True:
             tick = next_tick(time.time(), self._interval, self._boundary)
