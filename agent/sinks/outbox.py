@@ -773,6 +773,9 @@ class Outbox(Generic[T]):
         # is returned, not still queued on a thread nobody waits for (the next agent would
         # find the file, deliver items counted as dropped, or lose it between scan and read).
         worker, self._worker = self._worker, None
+        # A write that finishes after the drain gave up is never applied: its eviction would
+        # unlink a segment already counted as kept (its own items stay counted as unsent).
+        self._loop = None
         if worker is not None:
             if not worker.drain(IO_DRAIN_S):
                 _log.error("spool_write_failed", outbox=self.name, at="shutdown",
