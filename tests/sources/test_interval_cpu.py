@@ -140,8 +140,10 @@ def test_interval_means_match_kernel_counters(tmp_path: Path) -> None:
             worst[view] = max(worst[view], abs(average - truth))
             if abs(average - truth) > 1.0 + slack:
                 misses.append((view, start, round(average, 2), round(truth, 2)))
-            # 4 samples of 0.25 s; 3 if a tick was skipped (a sampler stalled > 0.25 s).
-            assert stats["SampleCount"] in (3, 4), (view, stats)
+            # 4 samples of 0.25 s; 3 if a tick was skipped (a sampler stalled > 0.25 s), or
+            # if its reading came after the interval was published: it then counts in the
+            # next one, which has 5 (seen once in 15 runs beside stress-ng).
+            assert stats["SampleCount"] in (3, 4, 5), (view, stats)
             assert stats["Minimum"] <= average <= stats["Maximum"], (view, stats)
             assert start in normal, (view, start, "no CPUUtilizationNormalized")
             assert normal[start]["Sum"] / normal[start]["SampleCount"] == pytest.approx(
