@@ -85,8 +85,9 @@ class AwsCaller:
             self._wake.set()
 
     async def _backoff(self, delay: float) -> None:
-        if self._hurried:
-            await asyncio.sleep(min(delay, HURRY_RETRY_S))
+        """Wait `delay` (capped by the caller once hurried), or until `hurry` is called."""
+        if self._hurried:  # the event is set for good: a plain sleep
+            await asyncio.sleep(delay)
             return
         if self._wake is None:
             self._wake = asyncio.Event()
