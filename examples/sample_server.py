@@ -7,6 +7,10 @@ only. It listens on `SAGEMAKER_BIND_TO_PORT` (default 8080) on 127.0.0.1, or
 `SAMPLE_SERVER_HOST`.
 `?sleep_ms=N` adds latency, `?status=N` forces a status, and `?chunks=N&chunk_ms=M`
 streams a chunked answer, for testing metrics; request bodies may be chunked.
+
+SIGTERM (how SageMaker stops a container) and SIGINT stop it gracefully, as gunicorn and
+uvicorn do: it stops accepting, finishes the answers in flight (up to `STOP_WAIT_S`), exits 0.
+Killed mid-answer instead, a client would get a broken answer that the agent counts as a 502.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
@@ -22,6 +28,32 @@ log = logging.getLogger("sample_server")
 
 
 _MODEL = None
+STOP_WAIT_S = 20.0  # inside the agent's TELEMETRY_STOP_GRACE (25 s) and SageMaker's 30 s
+
+
+class InFlight:
+    """How many requests are being answered, so a stop can wait for them."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._count = 0
+        self.stopping = False
+
+    def __enter__(self) -> None:
+        with self._changed:
+            self._count += 1
+
+    def __exit__(self, *_: object) -> None:
+        with self._changed:
+            self._count -= 1
+            self._changed.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._count == 0, timeout)
+
+
+IN_FLIGHT = InFlight()
 
 
 def model() -> object:
@@ -41,12 +73,20 @@ class Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        with IN_FLIGHT:
+            self._get()
+
+    def do_POST(self) -> None:  # noqa: N802
+        with IN_FLIGHT:
+            self._post()
+
+    def _get(self) -> None:
         if urlparse(self.path).path == "/ping":
             self._reply(200, b"")
         else:
             self._reply(404, b'{"error": "not found"}')
 
-    def do_POST(self) -> None:  # noqa: N802
+    def _post(self) -> None:
         url = urlparse(self.path)
         query = parse_qs(url.query)
         body = self._body()
@@ -100,7 +140,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
+        self._end_headers()
         for i in range(chunks):
             piece = f"chunk {i}\n".encode()
             self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece))
@@ -112,8 +152,13 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
+        self._end_headers()
         self.wfile.write(body)
+
+    def _end_headers(self) -> None:
+        if IN_FLIGHT.stopping:  # stopping: this answer ends its connection
+            self.send_header("Connection", "close")
+        self.end_headers()
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         log.info("%s %s", self.address_string(), format % args)
@@ -125,7 +170,18 @@ def main() -> None:
     port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080"))
     ThreadingHTTPServer.request_queue_size = 1024  # the default 5 refuses bursts
     server = None
-    try:  # a Ctrl-C at any moment, even while starting, is a clean stop
+
+    def stop(signum: int, _frame: object) -> None:
+        if server is None:  # still starting: nothing to finish
+            raise KeyboardInterrupt
+        if IN_FLIGHT.stopping:  # a second signal: stop waiting
+            raise SystemExit(128 + signum)
+        IN_FLIGHT.stopping = True
+        threading.Thread(target=server.shutdown, daemon=True).start()  # ends serve_forever
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:  # a signal at any moment, even while starting, is a clean stop
         server = ThreadingHTTPServer((host, port), Handler)
         log.info("listening on %s:%d", host, port)
         server.serve_forever()
@@ -133,8 +189,10 @@ def main() -> None:
         pass
     finally:
         if server is not None:
-            server.server_close()
-        log.info("stopped")
+            server.server_close()  # no new connections; the answers in flight go on
+    if server is not None and not IN_FLIGHT.wait_idle(STOP_WAIT_S):
+        log.warning("stopped with answers in flight after %.0f s", STOP_WAIT_S)
+    log.info("stopped")
 
 
 if __name__ == "__main__":

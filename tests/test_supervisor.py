@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
+import http.client
 import os
 import pty
 import shutil
@@ -236,6 +237,29 @@ class TestInitSignals:
         assert b"stopped" in stderr  # the server's own clean-exit line
         forwarded = [e for e in agent_events(stderr) if e["event"] == "signal_forwarded"]
         assert [e["signal"] for e in forwarded] == ["SIGINT"]
+
+    def test_sigterm_lets_the_sample_servers_answer_in_flight_finish(
+            self, env: dict[str, str]) -> None:
+        """SIGTERM (how SageMaker stops a container) while an answer streams: the sample
+        server finishes it whole, then stops cleanly (killed, it broke the answer off)."""
+        port = free_port()
+        env["SAGEMAKER_BIND_TO_PORT"] = str(port)
+        proc = start_agent([PY, SAMPLE_SERVER], env)
+        seen = wait_for_stderr(proc, b"listening on")
+        ping(port)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        conn.request("POST", "/invocations?chunks=8&chunk_ms=100", body=b"")
+        answer = conn.getresponse()
+        assert answer.readline() == b"chunk 0\n"  # the answer is under way
+        proc.send_signal(signal.SIGTERM)
+        rest = answer.read()
+        out, err = proc.communicate(timeout=30)
+        stderr = seen + err
+        assert rest == b"".join(b"chunk %d\n" % i for i in range(1, 8)), stderr[-3000:]
+        assert proc.returncode == 0, stderr[-3000:]
+        assert b"Traceback" not in stderr and b"stopped" in stderr
+        forwarded = [e for e in agent_events(stderr) if e["event"] == "signal_forwarded"]
+        assert [e["signal"] for e in forwarded] == ["SIGTERM"]
 
     def test_child_leads_its_own_session(self, env: dict[str, str]) -> None:
         """The child is a session and process-group leader, apart from the agent's group."""
