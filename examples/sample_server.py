@@ -169,7 +169,7 @@ def main() -> None:
     host = os.environ.get("SAMPLE_SERVER_HOST", "127.0.0.1")
     port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080"))
     ThreadingHTTPServer.request_queue_size = 1024  # the default 5 refuses bursts
-    server = None
+    server: ThreadingHTTPServer | None = None
 
     def stop(signum: int, _frame: object) -> None:
         if server is None:  # still starting: nothing to finish
