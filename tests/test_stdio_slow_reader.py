@@ -6,7 +6,6 @@ import fcntl
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import termios
@@ -18,15 +17,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from agent.stdio import MAX_HELD_BYTES, MAX_HELD_LINES, StdioWriter
+from tests.cloud import free_port
 from tests.conftest import AGENT, base_env
 
 F_GETPIPE_SZ = 1032  # fcntl.F_GETPIPE_SZ (Linux)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def in_thread(work: Callable[[], None]) -> threading.Event:

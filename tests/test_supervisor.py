@@ -23,6 +23,7 @@ import pytest
 import structlog.testing
 
 from agent import supervisor
+from tests.cloud import free_port
 from tests.conftest import AGENT, agent_events, base_env, log_messages, run_agent, wait_for_stderr
 
 PY = sys.executable
@@ -200,12 +201,6 @@ class TestReaping:
 
 ROOT = Path(__file__).parent.parent
 SAMPLE_SERVER = str(ROOT / "examples" / "sample_server.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ping(port: int) -> None:
